@@ -1,0 +1,312 @@
+"""Build a :class:`HeptapodConfig` from preset -> YAML file -> ``key.sub=value`` overrides.
+
+Everything that can be checked without a process group or a tensor is checked here, once; every
+problem is reported in one :class:`ConfigError` whose lines say what is wrong and how to fix it.
+"""
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import os
+import typing
+from typing import Any, Dict, Iterable, List, Optional, Sequence, Tuple
+
+import yaml
+
+from .presets import PRESETS
+from .schema import CHOICES, HeptapodConfig
+
+
+class ConfigError(ValueError):
+    """A configuration that cannot run; the message lists every problem found."""
+
+
+# --------------------------------------------------------------------------- introspection
+
+def _hints(cls) -> Dict[str, Any]:
+    return typing.get_type_hints(cls)
+
+
+def all_keys(cls=HeptapodConfig, prefix: str = "") -> List[str]:
+    """Every dotted leaf key of the config, e.g. ``backbone.width``."""
+    keys = []
+    hints = _hints(cls)
+    for f in dataclasses.fields(cls):
+        t = hints[f.name]
+        if dataclasses.is_dataclass(t):
+            keys.extend(all_keys(t, prefix + f.name + "."))
+        else:
+            keys.append(prefix + f.name)
+    return keys
+
+
+def field_help(cls=HeptapodConfig, prefix: str = "") -> List[Tuple[str, str, Any]]:
+    """(dotted key, help line, default) for every leaf field, for ``--help-config``."""
+    rows = []
+    hints = _hints(cls)
+    for f in dataclasses.fields(cls):
+        t = hints[f.name]
+        if dataclasses.is_dataclass(t):
+            rows.extend(field_help(t, prefix + f.name + "."))
+        else:
+            default = f.default if f.default is not dataclasses.MISSING else None
+            rows.append((prefix + f.name, f.metadata.get("help", ""), default))
+    return rows
+
+
+def _suggest(key: str, candidates: Iterable[str]) -> str:
+    close = difflib.get_close_matches(key, list(candidates), n=1, cutoff=0.5)
+    return f" Did you mean '{close[0]}'?" if close else ""
+
+
+def _type_name(t) -> str:
+    return getattr(t, "__name__", str(t).replace("typing.", ""))
+
+
+def _coerce(key: str, value: Any, t) -> Any:
+    """Check ``value`` against the annotated type ``t``; ints are accepted for floats."""
+    origin = typing.get_origin(t)
+    if origin is typing.Union:
+        args = typing.get_args(t)
+        if value is None and type(None) in args:
+            return None
+        inner = [a for a in args if a is not type(None)]
+        return _coerce(key, value, inner[0])
+    if t is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if t is float and isinstance(value, str):
+        try:  # YAML 1.1 reads "3e-4" (no dot) as a string
+            return float(value)
+        except ValueError:
+            pass
+    if t is int and isinstance(value, bool):
+        raise ConfigError(f"{key}: expected int, got bool {value!r}.")
+    if isinstance(value, t):
+        return value
+    raise ConfigError(f"{key}: expected {_type_name(t)}, got {type(value).__name__} {value!r}. "
+                      f"Write e.g. {key}={_example(t)}.")
+
+
+def _example(t) -> str:
+    return {int: "8", float: "0.5", bool: "true", str: "name"}.get(t, "...")
+
+
+# --------------------------------------------------------------------------- merging
+
+def _merge_dict(cfg, data: Dict[str, Any], prefix: str = "") -> None:
+    """Apply a nested dict onto the dataclass instance ``cfg`` in place, checking keys and types."""
+    if not isinstance(data, dict):
+        raise ConfigError(f"{prefix.rstrip('.') or 'config'}: expected a mapping, got {data!r}.")
+    hints = _hints(type(cfg))
+    names = {f.name for f in dataclasses.fields(cfg)}
+    for key, value in data.items():
+        dotted = prefix + str(key)
+        if key not in names:
+            raise ConfigError(f"unknown config key '{dotted}'.{_suggest(dotted, all_keys())} "
+                              f"Run `python -m heptapod_ds.config --help-config` for all keys.")
+        t = hints[key]
+        if dataclasses.is_dataclass(t):
+            _merge_dict(getattr(cfg, key), value, dotted + ".")
+        else:
+            setattr(cfg, key, _coerce(dotted, value, t))
+
+
+def parse_override(item: str) -> Tuple[str, Any]:
+    """``a.b=value`` -> (``a.b``, parsed value). Values are read as YAML scalars."""
+    if "=" not in item:
+        raise ConfigError(f"override '{item}' is not of the form key.sub=value (e.g. train.steps=100).")
+    key, raw = item.split("=", 1)
+    key = key.strip().lstrip("-")
+    if key not in all_keys():
+        raise ConfigError(f"unknown config key '{key}'.{_suggest(key, all_keys())} "
+                          f"Run `python -m heptapod_ds.config --help-config` for all keys.")
+    t = _leaf_type(key)
+    if t is str or t == Optional[str]:
+        value: Any = None if (t != str and raw.lower() in ("null", "none", "~")) else raw
+    else:
+        try:
+            value = yaml.safe_load(raw) if raw != "" else None
+        except yaml.YAMLError as e:
+            raise ConfigError(f"override '{item}': cannot parse value: {e}") from None
+    return key, value
+
+
+def _leaf_type(key: str):
+    cls = HeptapodConfig
+    parts = key.split(".")
+    for p in parts[:-1]:
+        cls = _hints(cls)[p]
+    return _hints(cls)[parts[-1]]
+
+
+def _nest(key: str, value: Any) -> Dict[str, Any]:
+    out: Dict[str, Any] = {}
+    cur = out
+    parts = key.split(".")
+    for p in parts[:-1]:
+        cur = cur.setdefault(p, {})
+    cur[parts[-1]] = value
+    return out
+
+
+def to_dict(cfg) -> Dict[str, Any]:
+    return dataclasses.asdict(cfg)
+
+
+def to_yaml(cfg) -> str:
+    return yaml.safe_dump(to_dict(cfg), sort_keys=False)
+
+
+def from_dict(data: Dict[str, Any]) -> HeptapodConfig:
+    """Rebuild a config saved with :func:`to_dict` (e.g. from a checkpoint), checking keys and types."""
+    cfg = HeptapodConfig()
+    _merge_dict(cfg, data)
+    return cfg
+
+
+# --------------------------------------------------------------------------- entry point
+
+def load_config(config_file: Optional[str] = None, overrides: Sequence[str] = (),
+                world_size: Optional[int] = None, validate_config: bool = True) -> HeptapodConfig:
+    """Resolve preset, YAML file and overrides into a validated config.
+
+    The preset is taken from the overrides if given there, else from the file, else ``tiny``; its
+    values are applied first so that both the file and the command line can refine them.
+    """
+    file_data: Dict[str, Any] = {}
+    if config_file is not None:
+        if not os.path.isfile(config_file):
+            raise ConfigError(f"config file '{config_file}' does not exist. Pass an existing YAML file "
+                              f"to --config, or drop --config to use the preset alone.")
+        with open(config_file) as fh:
+            try:
+                file_data = yaml.safe_load(fh) or {}
+            except yaml.YAMLError as e:
+                raise ConfigError(f"config file '{config_file}' is not valid YAML: {e}") from None
+        if not isinstance(file_data, dict):
+            raise ConfigError(f"config file '{config_file}' must hold a mapping of sections, "
+                              f"got {type(file_data).__name__}.")
+    parsed = [parse_override(o) for o in overrides]
+
+    preset = file_data.get("preset", "tiny")
+    for key, value in parsed:
+        if key == "preset":
+            preset = value
+    if preset not in PRESETS:
+        raise ConfigError(f"unknown preset '{preset}'. Choose one of: {', '.join(PRESETS)}.")
+
+    cfg = HeptapodConfig()
+    _merge_dict(cfg, PRESETS[preset])
+    _merge_dict(cfg, file_data)
+    for key, value in parsed:
+        _merge_dict(cfg, _nest(key, value))
+    cfg.preset = preset
+    if validate_config:
+        validate(cfg, world_size=world_size)
+    return cfg
+
+
+def launcher_world_size() -> int:
+    """World size announced by torchrun / the deepspeed launcher / srun, or 1."""
+    for var in ("WORLD_SIZE", "SLURM_NTASKS", "OMPI_COMM_WORLD_SIZE"):
+        if os.environ.get(var, "").isdigit():
+            return int(os.environ[var])
+    return 1
+
+
+# --------------------------------------------------------------------------- validation
+
+def validate(cfg: HeptapodConfig, world_size: Optional[int] = None) -> HeptapodConfig:
+    """Check every cross-field constraint; resolve ``train.grad_accum=0`` (auto). Raises ConfigError."""
+    errors: List[str] = []
+    err = errors.append
+
+    for key, allowed in CHOICES.items():
+        value = cfg
+        for part in key.split("."):
+            value = getattr(value, part)
+        if value not in allowed:
+            err(f"{key}='{value}' is not one of {', '.join(map(str, allowed))}.{_suggest(str(value), allowed)}")
+
+    positive = ["backbone.depth", "backbone.width", "backbone.num_heads", "head.depth", "head.width",
+                "head.num_heads", "head.timesteps", "diffusion.depth", "diffusion.width",
+                "diffusion.train_steps", "diffusion.sample_steps", "diffusion.batch_mul", "tokenizer.image_size",
+                "tokenizer.stride", "tokenizer.channels", "tokenizer.vocab_size", "train.global_batch_size",
+                "train.micro_batch_size", "parallel.tensor", "parallel.pipeline", "sampling.batch_size",
+                "checkpoint.keep_last", "logging.log_every", "head.window"]
+    for key in positive:
+        obj = cfg
+        for part in key.split("."):
+            obj = getattr(obj, part)
+        if obj <= 0:
+            err(f"{key}={obj} must be positive.")
+    if errors:  # sizes below are meaningless with non-positive values
+        raise ConfigError(_format(errors))
+
+    tok, bb, head, par, tr = cfg.tokenizer, cfg.backbone, cfg.head, cfg.parallel, cfg.train
+    if tok.image_size % tok.stride:
+        err(f"tokenizer.image_size={tok.image_size} is not divisible by tokenizer.stride={tok.stride}; "
+            f"the token grid must be whole.")
+    n_tok = tok.num_tokens
+    if head.supervised < 0 or head.supervised > n_tok:
+        err(f"head.supervised={head.supervised} must be in [0, {n_tok}] (0 = all remaining positions).")
+    if head.timesteps > n_tok:
+        err(f"head.timesteps={head.timesteps} exceeds the {n_tok} positions of the grid.")
+    if not 0.0 <= bb.class_dropout < 1.0:
+        err(f"backbone.class_dropout={bb.class_dropout} must be in [0, 1).")
+    if not 0.0 <= cfg.train.ema_decay < 1.0:
+        err(f"train.ema_decay={cfg.train.ema_decay} must be in [0, 1) (0 disables the EMA).")
+
+    for name, sec in (("backbone", bb), ("head", head)):
+        if sec.width % sec.num_heads:
+            err(f"{name}.width={sec.width} is not divisible by {name}.num_heads={sec.num_heads}.")
+        if sec.num_heads % par.tensor:
+            err(f"{name}.num_heads={sec.num_heads} is not divisible by parallel.tensor={par.tensor}; "
+                f"choose a tensor-parallel size that divides the number of heads.")
+        if sec.width % par.tensor:
+            err(f"{name}.width={sec.width} is not divisible by parallel.tensor={par.tensor}.")
+        ffn = int(sec.width * sec.mlp_ratio)
+        if ffn % par.tensor:
+            err(f"{name} FFN size {ffn} (width x mlp_ratio) is not divisible by parallel.tensor={par.tensor}.")
+    if bb.depth % par.pipeline:
+        err(f"backbone.depth={bb.depth} is not divisible by parallel.pipeline={par.pipeline}; "
+            f"each pipeline stage needs the same number of layers.")
+    if par.zero_stage not in (0, 1, 2, 3):
+        err(f"parallel.zero_stage={par.zero_stage} must be 0, 1, 2 or 3.")
+    if par.pipeline > 1 and par.zero_stage >= 2:
+        err(f"parallel.pipeline={par.pipeline} with parallel.zero_stage={par.zero_stage}: DeepSpeed does not "
+            f"support ZeRO-2/3 with pipeline parallelism. Use zero_stage 0 or 1, or pipeline=1.")
+    if par.ds_config is not None and not os.path.isfile(par.ds_config):
+        err(f"parallel.ds_config='{par.ds_config}' does not exist; pass a file from ds_configs/.")
+
+    ws = world_size or par.world_size or launcher_world_size()
+    if ws % par.model_parallel:
+        err(f"world size {ws} is not divisible by tensor x pipeline = {par.tensor} x {par.pipeline} = "
+            f"{par.model_parallel}; launch a multiple of {par.model_parallel} processes.")
+    else:
+        dp = ws // par.model_parallel
+        per_step = tr.micro_batch_size * dp
+        if tr.grad_accum == 0:
+            if tr.global_batch_size % per_step:
+                err(f"train.global_batch_size={tr.global_batch_size} is not divisible by micro_batch_size x "
+                    f"data-parallel size = {tr.micro_batch_size} x {dp} = {per_step}; cannot derive grad_accum.")
+            else:
+                tr.grad_accum = tr.global_batch_size // per_step
+        elif tr.micro_batch_size * tr.grad_accum * dp != tr.global_batch_size:
+            err(f"train.micro_batch_size x train.grad_accum x data-parallel size = {tr.micro_batch_size} x "
+                f"{tr.grad_accum} x {dp} = {tr.micro_batch_size * tr.grad_accum * dp} != "
+                f"train.global_batch_size={tr.global_batch_size}. Set train.grad_accum=0 to derive it, or fix "
+                f"one of the sizes.")
+        if par.world_size == 0:
+            par.world_size = ws
+    if tr.grad_accum < 0:
+        err(f"train.grad_accum={tr.grad_accum} must be >= 0 (0 = derived from the global batch).")
+    if errors:
+        raise ConfigError(_format(errors))
+    return cfg
+
+
+def _format(errors: List[str]) -> str:
+    if len(errors) == 1:
+        return "invalid configuration: " + errors[0]
+    return "invalid configuration:\n" + "\n".join(f"  - {e}" for e in errors)

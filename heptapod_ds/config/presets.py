@@ -1,0 +1,43 @@
+"""Size presets. Each is a nested dict of overrides applied on top of the dataclass defaults.
+
+The defaults of :mod:`heptapod_ds.config.schema` are the ``tiny`` CPU demo (8x8 digits, discrete
+pixel tokens). The ImageNet presets use MAR's KL-16 VAE on 256x256 images (16x16 grid of
+16-channel latents, 1000 classes); their sizes are chosen so that the totals printed by
+``python -m heptapod_ds.presets`` land on the paper's scale (H ~ 941M) and near MAR's B/L.
+"""
+from __future__ import annotations
+
+from typing import Any, Dict
+
+_IMAGENET_DATA: Dict[str, Any] = {
+    "tokenizer": {"name": "kl16", "image_size": 256, "stride": 16, "channels": 16,
+                  "scale_factor": 0.2325, "vocab_size": 16384},
+    "backbone": {"num_classes": 1000},
+    "head": {"timesteps": 4, "supervised": 64, "window": 32},
+    "diffusion": {"batch_mul": 4},
+    "data": {"path": "data/imagenet256_kl16.beton", "num_workers": 8},
+    "optimizer": {"lr": 8e-4, "weight_decay": 0.02, "beta2": 0.95},
+    "schedule": {"warmup_steps": 5000, "decay": "cosine"},
+    "train": {"global_batch_size": 2048, "micro_batch_size": 64, "grad_accum": 0, "steps": 500000,
+              "ema_decay": 0.9999},
+    "checkpoint": {"save_every": 5000, "keep_last": 3},
+    "logging": {"log_every": 50},
+}
+
+
+def _imagenet(backbone_depth: int, head_depth: int, width: int, heads: int,
+              diff_depth: int, diff_width: int) -> Dict[str, Any]:
+    preset = {k: dict(v) for k, v in _IMAGENET_DATA.items()}
+    preset["backbone"].update(depth=backbone_depth, width=width, num_heads=heads)
+    preset["head"].update(depth=head_depth, width=width, num_heads=heads)
+    preset["diffusion"].update(depth=diff_depth, width=diff_width)
+    return preset
+
+
+PRESETS: Dict[str, Dict[str, Any]] = {
+    "tiny": {},
+    "B": _imagenet(backbone_depth=16, head_depth=8, width=768, heads=12, diff_depth=6, diff_width=1024),
+    "L": _imagenet(backbone_depth=20, head_depth=12, width=1024, heads=16, diff_depth=8, diff_width=1280),
+    "XL": _imagenet(backbone_depth=22, head_depth=14, width=1152, heads=16, diff_depth=10, diff_width=1408),
+    "H": _imagenet(backbone_depth=24, head_depth=16, width=1280, heads=16, diff_depth=12, diff_width=1536),
+}
