@@ -152,6 +152,8 @@ class LoggingConfig:
     wandb_project: str = F("heptapod", "Weights & Biases project.")
     wandb_mode: str = F("auto", "auto (online with an API key, offline without), online, offline or disabled.")
     progress_bar: bool = F(True, "Show a progress bar on rank 0.")
+    peak_tflops: float = F(0.0, "Peak dense TFLOP/s of one device for MFU (0 = look up the GPU model; "
+                           "no MFU on unknown devices or CPU).")
 
 
 @dataclass
