@@ -4,8 +4,10 @@
     torchrun --nproc_per_node 8 heptapod_ds/train.py ...      srun python heptapod_ds/train.py ...
     python heptapod_ds/train.py                                # CPU demo: tiny preset on the digits
 
-The training loop itself lands with the training issue; this entry point already resolves and
-validates the configuration for a launch (``--print-config``).
+The configuration is resolved and validated before any process group exists (``--print-config``
+shows it); then the parallel state is built, and :class:`heptapod_ds.training.Trainer` runs. Exit
+status: 0 when done, the requeue status after a preemption signal (checkpoint saved), 2 on a
+configuration error, 1 on any other failure.
 """
 from __future__ import annotations
 
@@ -36,10 +38,22 @@ def parse_config(argv=None):
     return args, resolve_or_exit(args)
 
 
-def main(argv=None) -> None:
-    args, cfg = parse_config(argv)
-    raise SystemExit("training loop not implemented yet")
+def main(argv=None) -> int:
+    _args, cfg = parse_config(argv)
+    from heptapod_ds.distributed import parallel_state
+    from heptapod_ds.monitor import setup_logging
+    from heptapod_ds.training import Trainer
+
+    setup_logging()
+    parallel_state.initialize(tensor=cfg.parallel.tensor, pipeline=cfg.parallel.pipeline,
+                              backend=cfg.parallel.backend, seed=cfg.train.seed)
+    try:
+        trainer = Trainer(cfg)
+        trainer.setup()
+        return trainer.run()
+    finally:
+        parallel_state.destroy()
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())
