@@ -1,0 +1,157 @@
+"""The training loader: FFCV over a pre-tokenized beton, one disjoint share per data-parallel rank.
+
+``build_train_loader(cfg, dp_rank, dp_size, start_epoch, start_step)`` returns a
+:class:`TrainLoader`; iterating it yields ONE epoch from ``start_step``::
+
+    for tokens, labels, sample_ids in loader:   # tokens [B, N, C] float or [B, N] long
+        ...
+    loader.set_epoch(epoch + 1)                 # then iterate again (one loader for the whole run)
+
+Order, view choice (image or its flip) and posterior noise are functions of (data.seed, epoch,
+sample index) only (see :mod:`.order`); a step is one micro batch of ``train.micro_batch_size``.
+FFCV's own ``distributed=True`` shards by *global* rank, which is wrong under tensor/pipeline
+parallelism; here each DP rank hands FFCV its own explicit index list instead.
+"""
+from __future__ import annotations
+
+import logging
+from typing import Iterator, Optional, Tuple
+
+import numpy as np
+import torch
+
+from ..config.schema import HeptapodConfig
+from ..tokenizers.base import codes_to_tokens, moments_to_tokens
+from .format import INDEX, LABEL, SOURCE_INDEX, open_reader, view_fields
+from .order import flip_choices, global_batches_per_epoch, posterior_noise, rank_epoch_indices
+
+log = logging.getLogger(__name__)
+
+
+class _ExplicitOrder:
+    """An FFCV traversal order that returns the rows it is given, for every epoch."""
+
+    def __init__(self, ffcv_loader):
+        self.rows = np.asarray(ffcv_loader.indices)
+
+    def sample_order(self, epoch: int) -> np.ndarray:
+        return self.rows
+
+
+class TrainLoader:
+    """One data-parallel rank's batches of one epoch at a time; see the module docstring."""
+
+    def __init__(self, beton: str, cfg: HeptapodConfig, dp_rank: int, dp_size: int, start_epoch: int = 0,
+                 start_step: int = 0):
+        if dp_size < 1 or not 0 <= dp_rank < dp_size:
+            raise ValueError(f"dp_rank={dp_rank} must lie in [0, dp_size={dp_size}).")
+        if cfg.train.grad_accum < 1:
+            raise ValueError(f"train.grad_accum={cfg.train.grad_accum}: resolve it first with "
+                             f"heptapod_ds.config.load_config / validate (0 means 'derive from the global batch').")
+        self.beton = beton
+        self.num_samples = int(open_reader(beton).num_samples)
+        self.micro_batch = cfg.train.micro_batch_size
+        self.grad_accum = cfg.train.grad_accum
+        self.dp_rank, self.dp_size = dp_rank, dp_size
+        self.seed = cfg.data.seed
+        self.drop_last = cfg.data.drop_last
+        self.random_flip = cfg.data.random_flip
+        self.num_workers = max(1, cfg.data.num_workers)
+        self.is_discrete = cfg.tokenizer.is_discrete
+        self.scale_factor = cfg.tokenizer.scale_factor
+        self.global_batch = self.micro_batch * self.grad_accum * dp_size
+        if global_batches_per_epoch(self.num_samples, self.global_batch, self.drop_last) == 0:
+            raise ValueError(f"beton {beton} holds {self.num_samples} samples, fewer than one global batch of "
+                             f"{self.global_batch} (micro {self.micro_batch} x accum {self.grad_accum} x dp "
+                             f"{dp_size}) with data.drop_last=true; lower the batch size or set data.drop_last=false.")
+        self.steps_per_epoch = (global_batches_per_epoch(self.num_samples, self.global_batch, self.drop_last)
+                                * self.grad_accum)
+        self.epoch, self.start_step = 0, 0
+        self._ffcv = None
+        self.set_epoch(start_epoch, start_step)
+
+    # ------------------------------------------------------------------ position
+    def set_epoch(self, epoch: int, start_step: int = 0) -> None:
+        """Select the epoch the next iteration yields, starting at micro step ``start_step``."""
+        if epoch < 0:
+            raise ValueError(f"epoch={epoch} must be >= 0.")
+        if not 0 <= start_step <= self.steps_per_epoch:
+            raise ValueError(f"start_step={start_step} must lie in [0, steps_per_epoch={self.steps_per_epoch}]; "
+                             f"steps count this rank's micro batches of {self.micro_batch}.")
+        self.epoch, self.start_step = epoch, start_step
+
+    def epoch_indices(self, epoch: Optional[int] = None) -> np.ndarray:
+        """Rows this rank reads in ``epoch`` (all steps), [steps_per_epoch, micro_batch]."""
+        e = self.epoch if epoch is None else epoch
+        idx = rank_epoch_indices(self.num_samples, self.seed, e, self.micro_batch, self.grad_accum, self.dp_rank,
+                                 self.dp_size, self.drop_last)
+        return idx.reshape(self.steps_per_epoch, self.micro_batch)
+
+    def __len__(self) -> int:
+        return self.steps_per_epoch - self.start_step
+
+    # ------------------------------------------------------------------ iteration
+    def _ffcv_loader(self, indices: np.ndarray):
+        """The FFCV loader, built (and its pipeline JIT-compiled, seconds) once; then re-pointed.
+
+        FFCV 1.0.2 fixes a loader's order at construction and offers no per-epoch index list, so the
+        traversal order is replaced by :class:`_ExplicitOrder` and its rows are set before each epoch.
+        """
+        from ffcv.loader import Loader, OrderOption
+
+        if self._ffcv is None:
+            views = view_fields(self.is_discrete)
+            pipelines = {SOURCE_INDEX: None}
+            if not self.random_flip:
+                pipelines[views[1]] = None
+            self._ffcv = Loader(self.beton, batch_size=self.micro_batch, num_workers=self.num_workers,
+                                order=OrderOption.SEQUENTIAL, indices=indices, pipelines=pipelines,
+                                drop_last=False, seed=0, batches_ahead=2)
+            self._ffcv.traversal_order = _ExplicitOrder(self._ffcv)
+        self._ffcv.traversal_order.rows = indices
+        self._ffcv.first_traversal_order = indices  # FFCV's len() (batches per epoch) reads this
+        return self._ffcv
+
+    def __iter__(self) -> Iterator[Tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+        epoch, start = self.epoch, self.start_step
+        expected = self.epoch_indices(epoch)[start:]
+        if len(expected) == 0:
+            return
+        ffcv = self._ffcv_loader(expected.reshape(-1).astype(np.uint64))
+        names = list(ffcv.pipeline_specs)  # FFCV yields fields in this order
+        view_names = view_fields(self.is_discrete)
+        iterator = iter(ffcv)
+        try:
+            for step, batch in enumerate(iterator):
+                fields = dict(zip(names, batch))
+                ids = fields[INDEX].reshape(-1).long().clone()
+                if not np.array_equal(ids.numpy(), expected[step]):
+                    raise RuntimeError(f"FFCV returned rows {ids[:4].tolist()}... at step {start + step} of epoch "
+                                       f"{epoch}, expected {expected[step][:4].tolist()}...; the beton's index "
+                                       f"field does not match its rows (re-run tools/pretokenize.py).")
+                labels = fields[LABEL].reshape(-1).long().clone()
+                stored = fields[view_names[0]]
+                if self.random_flip:
+                    flip = torch.from_numpy(flip_choices(self.seed, epoch, expected[step]))
+                    mask = flip.view(-1, *([1] * (stored.dim() - 1)))
+                    stored = torch.where(mask, fields[view_names[1]], stored)
+                yield self._to_tokens(stored, epoch, expected[step]), labels, ids
+        finally:
+            close = getattr(iterator, "close", None)
+            if close is not None:
+                close()
+
+    def _to_tokens(self, stored: torch.Tensor, epoch: int, indices: np.ndarray) -> torch.Tensor:
+        if self.is_discrete:
+            return codes_to_tokens(stored)
+        c = stored.shape[1] // 2
+        noise = posterior_noise(self.seed, epoch, indices, (c, *stored.shape[2:]))
+        return moments_to_tokens(stored, noise, self.scale_factor)
+
+
+def build_train_loader(cfg: HeptapodConfig, dp_rank: int, dp_size: int, start_epoch: int = 0,
+                       start_step: int = 0) -> TrainLoader:
+    """The loader of ``cfg``'s dataset for one DP rank (digits are built/cached on first use)."""
+    from .datasets import ensure_dataset
+
+    return TrainLoader(ensure_dataset(cfg), cfg, dp_rank, dp_size, start_epoch, start_step)
