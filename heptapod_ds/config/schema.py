@@ -164,6 +164,7 @@ class SamplingConfig:
     top_k: int = F(0, "Top-k filter for discrete tokens (0 = off).")
     seed: int = F(0, "Seed of the sampler.")
     use_ema: bool = F(True, "Sample with the EMA weights when available.")
+    eval_per_class: int = F(100, "Samples per class drawn at the end of training to score a digits run.")
 
 
 @dataclass

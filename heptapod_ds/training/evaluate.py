@@ -20,8 +20,7 @@ from heptapod_ds.monitor import get_logger
 
 log = get_logger(__name__)
 
-GRID_PER_CLASS = 10       # columns of the sample grid
-DIGITS_PER_CLASS = 100    # samples per class scored on the digits data
+GRID_PER_CLASS = 10  # columns of the sample grid
 
 
 def _gather_dp(x: torch.Tensor) -> torch.Tensor:
@@ -63,7 +62,7 @@ def sample_and_score(trainer, final: bool) -> Dict[str, float]:
     cfg = trainer.cfg
     num_classes = min(cfg.backbone.num_classes, 10)  # the grid shows the first ten classes
     on_digits = cfg.data.path == "digits"
-    per_class = DIGITS_PER_CLASS if (final and on_digits) else GRID_PER_CLASS
+    per_class = max(cfg.sampling.eval_per_class, GRID_PER_CLASS) if (final and on_digits) else GRID_PER_CLASS
     labels = torch.arange(num_classes).repeat_interleave(per_class)
     t0 = time.time()
     images = _generate(trainer, labels)
