@@ -88,7 +88,8 @@ class DiffusionConfig:
 @dataclass
 class DataConfig:
     path: str = F("digits", "FFCV .beton of pre-tokenized images, or 'digits' for the embedded dataset.")
-    cache_dir: str = F("~/.cache/heptapod_ds", "Where the embedded dataset's beton is written on first use.")
+    cache_dir: str = F("~/.cache/heptapod_ds", "Where the embedded dataset's beton is written on first use "
+                       "($HEPTAPOD_CACHE replaces this default folder).")
     num_workers: int = F(2, "Loader worker threads per rank.")
     seed: int = F(0, "Seed of the shuffling order (order = f(seed, epoch)).")
     drop_last: bool = F(True, "Drop the last incomplete batch of each epoch.")
