@@ -1,0 +1,80 @@
+"""The next-2D-distribution heads (``head.type`` global / local); ``next`` needs no module.
+
+Both heads are MAE-decoder style: for a timestep t of image b they take N + 1 slots
+``[o_0, ..., o_t, m, ..., m]`` (backbone outputs of the visible prefix projected to the head width,
+a learned mask token ``m`` at every remaining position), add 2D position embeddings, and run a
+stack of megatron TransformerLayers. The output at slot j > t is the condition ``z_{t,j}`` of token
+``x_j``. Only prefix slots carry image content, so ``z_{t,j}`` depends on ``x_1..x_t`` alone.
+
+* global: every slot attends to every slot (bidirectional, no mask).
+* local: a slot in the window ``(t, t+W]`` attends to the window (bidirectionally) and to the
+  prefix ``[0, t]`` - the prefix enters as keys/values, i.e. cross-attention in joint form; prefix
+  slots attend to the prefix only; slots after the window attend to themselves and are never read.
+
+TP: the layers are TP-sharded as in the backbone; projection, mask token and positions are replicated.
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+from megatron.core.transformer.enums import AttnMaskType
+from torch import nn
+
+from .layers import build_stack, make_transformer_config
+from .positions import LearnedPosition2D
+
+
+def local_attention_mask(timesteps: torch.Tensor, num_slots: int, window: int) -> torch.Tensor:
+    """Boolean mask (True = blocked) of shape [len(timesteps), 1, S, S] for the local head."""
+    s = torch.arange(num_slots, device=timesteps.device)
+    t = timesteps.reshape(-1, 1, 1)
+    q, k = s[None, :, None], s[None, None, :]
+    q_prefix, k_prefix = q <= t, k <= t
+    q_window = (q > t) & (q <= t + window)
+    k_window = (k > t) & (k <= t + window)
+    allowed = (q_prefix & k_prefix) | (q_window & (k_prefix | k_window)) | (q == k)
+    return (~allowed)[:, None]
+
+
+class GridHead(nn.Module):
+    """Global head (``window=None``) or local head (``window=W``) over the N + 1 slots."""
+
+    def __init__(self, cfg, impl: str, tensor_parallel: int, window: Optional[int] = None):
+        super().__init__()
+        head, tok = cfg.head, cfg.tokenizer
+        self.num_slots = tok.num_tokens + 1
+        self.window = window
+        self.input_proj = nn.Linear(cfg.backbone.width, head.width)
+        self.mask_token = nn.Parameter(torch.empty(head.width))
+        nn.init.normal_(self.mask_token, std=0.02)
+        self.pos_embed = LearnedPosition2D(tok.grid_size, head.width)
+        self.config = make_transformer_config(depth=head.depth, width=head.width, num_heads=head.num_heads,
+                                              mlp_ratio=head.mlp_ratio, dropout=cfg.backbone.dropout,
+                                              norm_eps=cfg.backbone.norm_eps, tensor_parallel=tensor_parallel)
+        mask_type = AttnMaskType.no_mask if window is None else AttnMaskType.arbitrary
+        self.decoder = build_stack(self.config, impl, mask_type)
+
+    def forward(self, prefix: torch.Tensor, timesteps: torch.Tensor) -> torch.Tensor:
+        """``prefix``: backbone outputs [B, n, Wb] (n > max t); ``timesteps``: long [B, T].
+
+        Returns the head outputs of every slot, [B, T, N + 1, W_head]; slot j > t holds ``z_{t,j}``.
+        """
+        b, n, _ = prefix.shape
+        if timesteps.dim() != 2 or timesteps.shape[0] != b:
+            raise ValueError(f"timesteps must be [B={b}, T], got {tuple(timesteps.shape)}.")
+        if int(timesteps.max()) >= n:
+            raise ValueError(f"timestep {int(timesteps.max())} needs backbone outputs o_0..o_t, only {n} given.")
+        num_t = timesteps.shape[1]
+        proj = self.input_proj(prefix)                                     # [B, n, Wh]
+        proj = nn.functional.pad(proj, (0, 0, 0, self.num_slots - n))      # [B, S, Wh]
+        slots = torch.arange(self.num_slots, device=prefix.device)
+        visible = slots[None, None, :, None] <= timesteps[:, :, None, None]  # [B, T, S, 1]
+        x = torch.where(visible, proj[:, None], self.mask_token)            # [B, T, S, Wh]
+        x = x + self.pos_embed(0, self.num_slots)
+        x = x.reshape(b * num_t, self.num_slots, -1).transpose(0, 1).contiguous()
+        mask = None
+        if self.window is not None:
+            mask = local_attention_mask(timesteps.reshape(-1), self.num_slots, self.window)
+        out = self.decoder(hidden_states=x, attention_mask=mask)
+        return out.transpose(0, 1).reshape(b, num_t, self.num_slots, -1)

@@ -1,0 +1,190 @@
+"""HeptapodModel: causal backbone + next-2D-distribution head + per-token output (diffusion or softmax).
+
+``forward`` returns the training loss; ``generate`` samples images token by token in raster order.
+Which parts are tensor-parallel: the transformer layers of backbone and head (megatron's column /
+row-parallel linears). Everything else - embeddings, position tables, the mask token, the head's input
+projection, the diffusion MLP and the classifier - is replicated, and gets identical gradients on TP
+peers because its inputs are identical there.
+
+ZeRO-3 rule kept here: every parameter is used only inside the forward of the module that owns it
+(this class owns none itself; it only calls submodules).
+"""
+from __future__ import annotations
+
+from typing import Dict, Optional, Set, Tuple
+
+import torch
+from torch import nn
+
+from .backbone import CausalBackbone
+from .categorical import CategoricalOutput, sample_logits
+from .diffusion import DiffusionLoss
+from .heads import GridHead
+from .supervision import SupervisionPlan, draw_plan, next_token_plan
+
+
+class HeptapodModel(nn.Module):
+    def __init__(self, cfg, impl: str = "local", tensor_parallel: int = 1):
+        super().__init__()
+        self.cfg = cfg
+        tok, head = cfg.tokenizer, cfg.head
+        self.discrete = tok.is_discrete
+        self.num_tokens = tok.num_tokens
+        self.channels = tok.channels
+        self.vocab_size = tok.vocab_size
+        self.num_classes = cfg.backbone.num_classes
+        self.head_type = head.type
+        self.window = head.window if head.type == "local" else None
+        self.backbone = CausalBackbone(cfg, impl, tensor_parallel)
+        if head.type == "next":
+            self.head = None
+            cond_dim = cfg.backbone.width
+        else:
+            self.head = GridHead(cfg, impl, tensor_parallel, window=self.window)
+            cond_dim = head.width
+        if self.discrete:
+            self.output = CategoricalOutput(cond_dim, tok.vocab_size)
+        else:
+            d = cfg.diffusion
+            self.output = DiffusionLoss(tok.channels, cond_dim, d.width, d.depth, d.train_steps, d.batch_mul)
+
+    # ------------------------------------------------------------------ training
+
+    def forward(self, tokens: torch.Tensor, labels: torch.Tensor,
+                sample_seeds: Optional[torch.Tensor] = None) -> Tuple[torch.Tensor, Dict[str, float]]:
+        """Loss = mean over images of the mean loss of each image's supervised targets.
+
+        Weighting every image equally keeps the loss of a sample independent of its micro-batch, so
+        data-parallel averaging over equal micro-batches equals the loss of the whole batch.
+        """
+        self._check_inputs(tokens, labels, sample_seeds)
+        batch = tokens.shape[0]
+        gens = _generators(sample_seeds, batch)
+        labels = self._drop_labels(labels, gens)
+        o = self.backbone(labels, tokens[:, :self.num_tokens - 1])                 # [B, N, Wb]
+        if self.head is None:
+            plan = _to(next_token_plan(batch, self.num_tokens), tokens.device)
+            z = o.reshape(batch * self.num_tokens, -1)
+        else:
+            h = self.cfg.head
+            plan = draw_plan(gens, self.num_tokens, h.timesteps, h.supervised, self.window)
+            plan = _to(plan, tokens.device)
+            out = self.head(o, plan.timesteps)                                     # [B, T, N+1, Wh]
+            z = out.reshape(-1, out.shape[-2], out.shape[-1])[plan.rows, plan.slots]
+        target = tokens[plan.sample, plan.slots - 1]
+        if self.discrete:
+            per_target = nn.functional.cross_entropy(self.output(z), target, reduction="none")
+        else:
+            per_target = self.output(target, z, plan.counts, gens)
+        weight = 1.0 / (plan.counts.to(per_target.dtype)[plan.sample] * batch)
+        loss = (per_target * weight).sum()
+        stats = {"loss": float(loss.detach()), "supervised_per_image": float(plan.counts.float().mean())}
+        return loss, stats
+
+    def _drop_labels(self, labels: torch.Tensor, gens) -> torch.Tensor:
+        p = self.cfg.backbone.class_dropout
+        if p <= 0 or not self.training:
+            return labels
+        u = torch.cat([torch.rand(1, generator=g) for g in gens]).to(labels.device)
+        return torch.where(u < p, torch.full_like(labels, self.num_classes), labels)
+
+    def _check_inputs(self, tokens, labels, sample_seeds) -> None:
+        n = self.num_tokens
+        if self.discrete:
+            if tokens.dtype != torch.long or tokens.dim() != 2 or tokens.shape[1] != n:
+                raise ValueError(f"discrete tokens must be long [B, {n}], got {tokens.dtype} {tuple(tokens.shape)}.")
+            lo, hi = int(tokens.min()), int(tokens.max())
+            if lo < 0 or hi >= self.vocab_size:
+                raise ValueError(f"token ids must be in [0, {self.vocab_size}) (tokenizer.vocab_size), "
+                                 f"got values in [{lo}, {hi}].")
+        elif not tokens.is_floating_point() or tokens.dim() != 3 or tokens.shape[1:] != (n, self.channels):
+            raise ValueError(f"continuous tokens must be float [B, {n}, {self.channels}] (tokenizer.channels), "
+                             f"got {tokens.dtype} {tuple(tokens.shape)}.")
+        _check_labels(labels, tokens.shape[0], self.num_classes)
+        if sample_seeds is not None and (sample_seeds.dim() != 1 or sample_seeds.shape[0] != tokens.shape[0]):
+            raise ValueError(f"sample_seeds must be [B={tokens.shape[0]}], got {tuple(sample_seeds.shape)}.")
+
+    def no_weight_decay(self) -> Set[str]:
+        """Embeddings, the mask token and position tables (norms/biases are found by ndim <= 1)."""
+        names = {"backbone.class_embed.weight", "backbone.token_embed.weight"}
+        if not self.discrete:
+            names.discard("backbone.token_embed.weight")  # a linear projection of latents: decay it
+        for name, _ in self.named_parameters():
+            if name.endswith(("pos_embed.row_embed", "pos_embed.col_embed", "mask_token")):
+                names.add(name)
+        return names
+
+    # ------------------------------------------------------------------ sampling
+
+    @torch.no_grad()
+    def generate(self, labels: torch.Tensor, seed: int = 0, temperature: Optional[float] = None,
+                 top_k: Optional[int] = None, num_steps: Optional[int] = None,
+                 use_kv_cache: bool = True) -> torch.Tensor:
+        """Sample ``len(labels)`` images in raster order, one token per step; reproducible for ``seed``.
+
+        Continuous tokens come from the DDPM sampler (``num_steps`` / ``temperature`` default to
+        cfg.diffusion), discrete ones from softmax(logits / temperature) with an optional top-k filter
+        (defaults cfg.sampling; temperature 0 = argmax). ``use_kv_cache=False`` recomputes the whole prefix
+        at every step (the reference the cache is tested against).
+        """
+        batch = labels.shape[0]
+        _check_labels(labels, batch, self.num_classes)
+        device = labels.device
+        if self.discrete:
+            temperature = self.cfg.sampling.temperature if temperature is None else temperature
+            top_k = self.cfg.sampling.top_k if top_k is None else top_k
+        else:
+            temperature = self.cfg.diffusion.temperature if temperature is None else temperature
+            num_steps = self.cfg.diffusion.sample_steps if num_steps is None else num_steps
+        gen = torch.Generator().manual_seed(int(seed))
+        n = self.num_tokens
+        shape = (batch, n) if self.discrete else (batch, n, self.channels)
+        tokens = torch.zeros(shape, dtype=torch.long if self.discrete else torch.float32, device=device)
+        was_training = self.training
+        self.eval()
+        cache = _make_cache(batch, n) if use_kv_cache else None
+        prefix = []
+        try:
+            for t in range(n):
+                if cache is not None:
+                    prefix.append(self.backbone(labels, tokens[:, :t], start=t, inference_context=cache))
+                    o = torch.cat(prefix, dim=1)                                   # o_0..o_t
+                else:
+                    o = self.backbone(labels, tokens[:, :t])
+                if self.head is None:
+                    z = o[:, t]
+                else:
+                    steps = torch.full((batch, 1), t, dtype=torch.long, device=device)
+                    z = self.head(o, steps)[:, 0, t + 1]
+                if self.discrete:
+                    tokens[:, t] = sample_logits(self.output(z), temperature, top_k, gen)
+                else:
+                    tokens[:, t] = self.output.sample(z, num_steps, temperature, gen).to(tokens.dtype)
+        finally:
+            self.train(was_training)
+        return tokens
+
+
+def _make_cache(batch: int, length: int):
+    from megatron.core.inference.contexts import StaticInferenceContext
+
+    return StaticInferenceContext(max_batch_size=batch, max_sequence_length=length)
+
+
+def _check_labels(labels: torch.Tensor, batch: int, num_classes: int) -> None:
+    if labels.dtype != torch.long or labels.dim() != 1 or labels.shape[0] != batch:
+        raise ValueError(f"labels must be long [B={batch}], got {labels.dtype} {tuple(labels.shape)}.")
+    if batch and (int(labels.min()) < 0 or int(labels.max()) > num_classes):
+        raise ValueError(f"labels must be in [0, {num_classes}] ({num_classes} = 'no class'), "
+                         f"got values in [{int(labels.min())}, {int(labels.max())}].")
+
+
+def _generators(sample_seeds: Optional[torch.Tensor], batch: int):
+    if sample_seeds is None:
+        return [None] * batch
+    return [torch.Generator().manual_seed(int(s)) for s in sample_seeds.tolist()]
+
+
+def _to(plan: SupervisionPlan, device) -> SupervisionPlan:
+    return SupervisionPlan(*(getattr(plan, f).to(device) for f in
+                             ("timesteps", "rows", "slots", "sample", "counts")))

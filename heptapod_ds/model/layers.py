@@ -1,0 +1,95 @@
+"""Megatron-core transformer stacks for the backbone and the head.
+
+One place decides how a stack of Heptapod layers is built: the ``TransformerConfig`` (pre-norm
+LayerNorm, GELU MLP with biases, CPU initialization without CUDA) and the layer spec (megatron's
+local spec on CPU, the TransformerEngine spec when ``transformer_engine`` imports and CUDA is up).
+
+Tensor parallelism: QKV and FC1 are column-parallel, the attention output projection and FC2 are
+row-parallel (``tensor_model_parallel=True`` on their weights); LayerNorms are replicated.
+"""
+from __future__ import annotations
+
+import copy
+import functools
+from typing import Optional
+
+import torch
+from megatron.core.transformer.enums import AttnMaskType
+from megatron.core.transformer.transformer_block import TransformerBlock
+from megatron.core.transformer.transformer_config import TransformerConfig
+
+TRANSFORMER_IMPLS = ("auto", "local", "transformer_engine")
+
+
+@functools.lru_cache(maxsize=1)
+def transformer_engine_available() -> bool:
+    """TransformerEngine is used only when it imports *and* a GPU is visible."""
+    if not torch.cuda.is_available():
+        return False
+    try:
+        import transformer_engine  # noqa: F401
+    except Exception:  # noqa: BLE001 - a broken TE install must not break the local path
+        return False
+    return True
+
+
+def resolve_impl(requested: str) -> str:
+    if requested not in TRANSFORMER_IMPLS:
+        raise ValueError(f"backbone.transformer_impl='{requested}' is not one of {', '.join(TRANSFORMER_IMPLS)}.")
+    if requested == "auto":
+        return "transformer_engine" if transformer_engine_available() else "local"
+    if requested == "transformer_engine" and not transformer_engine_available():
+        raise RuntimeError("backbone.transformer_impl=transformer_engine needs the transformer_engine package and a "
+                           "CUDA device; use transformer_impl=local (or auto) on this machine.")
+    return requested
+
+
+def make_transformer_config(*, depth: int, width: int, num_heads: int, mlp_ratio: float, dropout: float,
+                            norm_eps: float, tensor_parallel: int, params_dtype: torch.dtype = torch.float32,
+                            init_std: float = 0.02) -> TransformerConfig:
+    """Pre-norm GPT-style layers; every CUDA-only fusion is off so the same config runs on CPU."""
+    ffn = int(width * mlp_ratio)
+    on_gpu = torch.cuda.is_available()
+    return TransformerConfig(
+        num_layers=depth, hidden_size=width, num_attention_heads=num_heads, ffn_hidden_size=ffn,
+        hidden_dropout=dropout, attention_dropout=dropout, layernorm_epsilon=norm_eps,
+        normalization="LayerNorm", add_bias_linear=True, gated_linear_unit=False,
+        activation_func=torch.nn.functional.gelu, init_method_std=init_std,
+        tensor_model_parallel_size=tensor_parallel, sequence_parallel=False,
+        use_cpu_initialization=not on_gpu, params_dtype=params_dtype, pipeline_dtype=params_dtype,
+        bias_activation_fusion=False, bias_dropout_fusion=False, masked_softmax_fusion=False,
+        apply_rope_fusion=False, persist_layer_norm=False, gradient_accumulation_fusion=False,
+        apply_residual_connection_post_layernorm=False,
+    )
+
+
+def layer_spec(impl: str, mask_type: AttnMaskType):
+    """The megatron layer spec for ``impl`` ('local' / 'transformer_engine') with self-attention of ``mask_type``."""
+    from megatron.core.models.gpt import gpt_layer_specs
+
+    if impl == "transformer_engine":
+        spec = gpt_layer_specs.get_gpt_layer_with_transformer_engine_spec()
+    elif impl == "local":
+        spec = gpt_layer_specs.get_gpt_layer_local_spec()
+    else:
+        raise ValueError(f"unresolved transformer implementation '{impl}'; call resolve_impl() first.")
+    spec = copy.deepcopy(spec)
+    spec.submodules.self_attention.params = dict(spec.submodules.self_attention.params or {},
+                                                 attn_mask_type=mask_type)
+    return spec
+
+
+def build_stack(config: TransformerConfig, impl: str, mask_type: AttnMaskType,
+                pre_process: bool = True, post_process: bool = True) -> TransformerBlock:
+    """A TransformerBlock (with its final LayerNorm when ``post_process``) of ``config.num_layers`` layers."""
+    return TransformerBlock(config=config, spec=layer_spec(impl, mask_type), post_layer_norm=post_process,
+                            pre_process=pre_process, post_process=post_process)
+
+
+def count_tp_aware(module: torch.nn.Module, tp_size: int) -> int:
+    """Parameters of the *full* model: TP-sharded tensors count ``tp_size`` times their local size."""
+    total = 0
+    for p in module.parameters():
+        total += p.numel() * (tp_size if getattr(p, "tensor_model_parallel", False) else 1)
+    return total
+
