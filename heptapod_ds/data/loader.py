@@ -15,7 +15,7 @@ parallelism; here each DP rank hands FFCV its own explicit index list instead.
 from __future__ import annotations
 
 import logging
-from typing import Iterator, Optional, Tuple
+from typing import Dict, Iterator, List, Optional, Tuple
 
 import numpy as np
 import torch
@@ -26,6 +26,10 @@ from .format import INDEX, LABEL, SOURCE_INDEX, open_reader, view_fields
 from .order import flip_choices, global_batches_per_epoch, posterior_noise, rank_epoch_indices
 
 log = logging.getLogger(__name__)
+
+
+_IDLE_FFCV: Dict[tuple, List[object]] = {}
+"""Compiled FFCV loaders not iterating right now, by (beton, batch, workers, token kind, flip)."""
 
 
 class _ExplicitOrder:
@@ -67,7 +71,6 @@ class TrainLoader:
         self.steps_per_epoch = (global_batches_per_epoch(self.num_samples, self.global_batch, self.drop_last)
                                 * self.grad_accum)
         self.epoch, self.start_step = 0, 0
-        self._ffcv = None
         self.set_epoch(start_epoch, start_step)
 
     # ------------------------------------------------------------------ position
@@ -91,26 +94,39 @@ class TrainLoader:
         return self.steps_per_epoch - self.start_step
 
     # ------------------------------------------------------------------ iteration
+    def _pool_key(self) -> tuple:
+        return (self.beton, self.micro_batch, self.num_workers, self.is_discrete, self.random_flip)
+
     def _ffcv_loader(self, indices: np.ndarray):
-        """The FFCV loader, built (and its pipeline JIT-compiled, seconds) once; then re-pointed.
+        """An FFCV loader pointed at ``indices``: taken from the idle pool, or built (JIT, seconds).
 
         FFCV 1.0.2 fixes a loader's order at construction and offers no per-epoch index list, so the
         traversal order is replaced by :class:`_ExplicitOrder` and its rows are set before each epoch.
+        Finished iterations return their loader to ``_IDLE_FFCV`` so that a trainer that builds a new
+        TrainLoader per epoch does not recompile FFCV's pipeline every epoch.
         """
         from ffcv.loader import Loader, OrderOption
 
-        if self._ffcv is None:
+        idle = _IDLE_FFCV.get(self._pool_key(), [])
+        if idle:
+            ffcv = idle.pop()
+        else:
             views = view_fields(self.is_discrete)
             pipelines = {SOURCE_INDEX: None}
             if not self.random_flip:
                 pipelines[views[1]] = None
-            self._ffcv = Loader(self.beton, batch_size=self.micro_batch, num_workers=self.num_workers,
-                                order=OrderOption.SEQUENTIAL, indices=indices, pipelines=pipelines,
-                                drop_last=False, seed=0, batches_ahead=2)
-            self._ffcv.traversal_order = _ExplicitOrder(self._ffcv)
-        self._ffcv.traversal_order.rows = indices
-        self._ffcv.first_traversal_order = indices  # FFCV's len() (batches per epoch) reads this
-        return self._ffcv
+            ffcv = Loader(self.beton, batch_size=self.micro_batch, num_workers=self.num_workers,
+                          order=OrderOption.SEQUENTIAL, indices=indices, pipelines=pipelines, drop_last=False,
+                          seed=0, batches_ahead=2)
+            ffcv.traversal_order = _ExplicitOrder(ffcv)
+        ffcv.traversal_order.rows = indices
+        ffcv.first_traversal_order = indices  # FFCV's len() (batches per epoch) reads this
+        return ffcv
+
+    def _release(self, ffcv) -> None:
+        idle = _IDLE_FFCV.setdefault(self._pool_key(), [])
+        if len(idle) < 2:
+            idle.append(ffcv)
 
     def __iter__(self) -> Iterator[Tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
         epoch, start = self.epoch, self.start_step
@@ -140,6 +156,7 @@ class TrainLoader:
             close = getattr(iterator, "close", None)
             if close is not None:
                 close()
+            self._release(ffcv)
 
     def _to_tokens(self, stored: torch.Tensor, epoch: int, indices: np.ndarray) -> torch.Tensor:
         if self.is_discrete:
