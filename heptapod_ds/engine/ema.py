@@ -1,0 +1,119 @@
+"""Exponential moving average of the weights that works under every ZeRO stage and TP.
+
+Choice: each rank keeps an fp32 shadow of exactly the parameter data it owns, so an update is a
+local ``lerp`` with no communication:
+
+- ZeRO-0/1/2: the module holds full parameters (this rank's TP shard of them); the shadow mirrors
+  them. All data-parallel replicas hold the same shadow, and only data-parallel rank 0 needs to
+  save it (``partitioned`` is False).
+- ZeRO-3: the module holds 1-D partitions (``param.ds_tensor``); the shadow mirrors this rank's
+  partition, so the EMA costs 4 bytes per parameter *per data-parallel group*, not per rank, and
+  every rank saves its own piece (``partitioned`` is True).
+
+The shadow follows the module's parameters, i.e. the weights after each optimizer step (bf16 on
+a bf16 run: the rounding noise of the bf16 copy averages out; the fp32 master is not read).
+
+:meth:`EMA.swap` puts the averaged weights into the live model and restores the trained weights
+afterwards, bit-exactly. Under ZeRO-3 it writes the partitions and re-gathers the parameters that
+ZeRO keeps gathered (``stage3_param_persistence_threshold``), so forward passes inside the
+``with`` block see only EMA weights.
+"""
+from __future__ import annotations
+
+import contextlib
+from typing import Dict, Iterator, List
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+
+def _is_zero3(param: torch.Tensor) -> bool:
+    return hasattr(param, "ds_tensor")
+
+
+def _local_data(param: torch.Tensor) -> torch.Tensor:
+    """The tensor this rank owns for ``param``: its ZeRO-3 partition, or the parameter itself."""
+    return param.ds_tensor.data if _is_zero3(param) else param.data
+
+
+def _regather_if_available(param: torch.Tensor) -> None:
+    """Refresh the full data of a ZeRO-3 parameter that is currently gathered from its partitions."""
+    from deepspeed.runtime.zero.partition_parameters import ZeroParamStatus
+
+    if not _is_zero3(param) or param.ds_status != ZeroParamStatus.AVAILABLE:
+        return
+    group = param.ds_process_group
+    part = param.ds_tensor.data.contiguous()
+    chunks = [torch.empty_like(part) for _ in range(dist.get_world_size(group))]
+    dist.all_gather(chunks, part, group=group)
+    full = torch.cat(chunks)[:param.ds_numel]
+    param.data.copy_(full.view(param.ds_shape).to(param.dtype))
+
+
+class EMA:
+    """fp32 shadow of this rank's parameter data; ``update()`` after every applied optimizer step."""
+
+    def __init__(self, engine, decay: float):
+        if not 0.0 < decay < 1.0:
+            raise ValueError(f"EMA decay must be in (0, 1), got {decay}; train.ema_decay=0 means: build no EMA.")
+        module: nn.Module = getattr(engine, "module", engine)
+        self.decay = float(decay)
+        self.num_updates = 0
+        self._named: List = [(n, p) for n, p in module.named_parameters() if p.requires_grad]
+        if not self._named:
+            raise ValueError("EMA: the model has no trainable parameters.")
+        self.partitioned = any(_is_zero3(p) for _, p in self._named)
+        with torch.no_grad():
+            self.shadow: List[torch.Tensor] = [_local_data(p).detach().float().clone() for _, p in self._named]
+
+    @property
+    def names(self) -> List[str]:
+        return [n for n, _ in self._named]
+
+    @torch.no_grad()
+    def update(self) -> None:
+        """shadow <- decay * shadow + (1 - decay) * weights (local data only, no communication)."""
+        weight = 1.0 - self.decay
+        for shadow, (_, p) in zip(self.shadow, self._named):
+            shadow.lerp_(_local_data(p).float(), weight)
+        self.num_updates += 1
+
+    def state_dict(self) -> Dict:
+        return {"decay": self.decay, "num_updates": self.num_updates, "partitioned": self.partitioned,
+                "names": self.names, "shadow": [s.clone() for s in self.shadow]}
+
+    def load_state_dict(self, state: Dict) -> None:
+        if state["names"] != self.names:
+            missing = sorted(set(self.names) - set(state["names"]))[:3]
+            extra = sorted(set(state["names"]) - set(self.names))[:3]
+            raise ValueError(f"EMA state does not match the model: missing {missing}, unexpected {extra}.")
+        if bool(state["partitioned"]) != self.partitioned:
+            raise ValueError(f"EMA state was saved {'with' if state['partitioned'] else 'without'} ZeRO-3 "
+                             f"partitioning but the model is {'' if self.partitioned else 'not '}partitioned; "
+                             f"convert the checkpoint (tools/convert_ckpt.py) to change the ZeRO layout.")
+        for name, mine, saved in zip(self.names, self.shadow, state["shadow"]):
+            if mine.shape != saved.shape:
+                raise ValueError(f"EMA state of '{name}' has shape {tuple(saved.shape)}, the model's local data "
+                                 f"{tuple(mine.shape)}: the checkpoint has another parallel layout or model shape.")
+            mine.copy_(saved)
+        self.decay = float(state["decay"])
+        self.num_updates = int(state["num_updates"])
+
+    @contextlib.contextmanager
+    def swap(self, engine=None) -> Iterator[None]:
+        """Inside the block the model holds the EMA weights; the trained weights come back after it."""
+        backup = []
+        with torch.no_grad():
+            for shadow, (_, p) in zip(self.shadow, self._named):
+                local = _local_data(p)
+                backup.append(local.clone())
+                local.copy_(shadow.to(local.dtype))
+                _regather_if_available(p)
+        try:
+            yield
+        finally:
+            with torch.no_grad():
+                for saved, (_, p) in zip(backup, self._named):
+                    _local_data(p).copy_(saved)
+                    _regather_if_available(p)
