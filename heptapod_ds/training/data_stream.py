@@ -25,19 +25,15 @@ class BatchStream:
     def __init__(self, cfg, dp_rank: int, dp_size: int, epoch: int = 0, micro_step: int = 0):
         from heptapod_ds.data import build_train_loader
 
-        self._build = lambda e, s: build_train_loader(cfg, dp_rank, dp_size, start_epoch=e, start_step=s)
+        self.loader = build_train_loader(cfg, dp_rank, dp_size, start_epoch=epoch, start_step=micro_step)
+        self.steps_per_epoch = self.loader.steps_per_epoch
         self.epoch = epoch
         self.micro_step = micro_step
         self._it: Optional[Iterator] = None
-        self.steps_per_epoch: Optional[int] = None
 
     def _open(self) -> None:
-        loader = self._build(self.epoch, self.micro_step)
-        self.steps_per_epoch = loader.steps_per_epoch
-        if self.steps_per_epoch <= 0:
-            raise RuntimeError("the data loader yields no full micro-batch per epoch for this rank: the dataset is "
-                               "smaller than micro_batch_size x data-parallel size. Lower train.micro_batch_size.")
-        self._it = iter(loader)
+        self.loader.set_epoch(self.epoch, self.micro_step)
+        self._it = iter(self.loader)
 
     def next(self) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, int]:
         """(tokens, labels, sample_ids, epoch of this batch)."""
