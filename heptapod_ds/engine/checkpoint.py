@@ -1,0 +1,270 @@
+"""Atomic DeepSpeed checkpoints with EMA, RNG states, trainer state and the resolved config.
+
+Layout under ``{run_dir}/checkpoints``::
+
+    global_step{N}/                    one complete checkpoint (DeepSpeed's files + ours)
+        mp_rank_*/zero_pp_rank_*       DeepSpeed: model, optimizer, LR scheduler
+        heptapod_rank{R:05d}.pt        per global rank: RNG states, the trainer's client_state, EMA piece
+        heptapod_meta.json             step, resolved config, parallel layout (written last)
+    latest                             DeepSpeed-compatible pointer to the newest complete tag
+
+Atomicity: every rank writes into ``.staging-global_step{N}/global_step{N}``; after a barrier,
+rank 0 writes the meta file and renames the tag directory into place (one ``rename``, atomic on
+POSIX), then rewrites ``latest`` through a temporary file. A crash at any point leaves either
+the old set of checkpoints or the new one; stale ``.staging-*`` directories are removed on the next
+start. Old checkpoints are first renamed to ``.trash-*`` and then deleted, so a crash while
+pruning never leaves a half-deleted directory that looks complete. ``resume=auto`` scans for the
+newest ``global_step*`` with a meta file instead of trusting ``latest``.
+
+The EMA is saved by every rank under ZeRO-3 (each holds a partition) and by data-parallel rank 0
+of each TP/PP group otherwise. RNG states and the trainer's client_state are saved per rank.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import os
+import pathlib
+import random
+import re
+import shutil
+import time
+from typing import Any, Dict, List, Optional
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+from heptapod_ds.config.loader import to_dict
+from heptapod_ds.distributed import parallel_state
+
+log = logging.getLogger(__name__)
+
+META = "heptapod_meta.json"
+TAG_RE = re.compile(r"^global_step(\d+)$")
+
+# Fields that change what the weights mean or how they are laid out; a difference refuses a resume.
+IDENTITY_FIELDS = (
+    ["preset"]
+    + [f"tokenizer.{k}" for k in ("name", "image_size", "stride", "channels", "vocab_size", "scale_factor")]
+    + [f"backbone.{k}" for k in ("depth", "width", "num_heads", "mlp_ratio", "pos_embed", "num_classes")]
+    + [f"head.{k}" for k in ("type", "depth", "width", "num_heads", "mlp_ratio")]
+    + [f"diffusion.{k}" for k in ("depth", "width")]
+)
+LAYOUT_FIELDS = ("tensor", "pipeline", "dp", "zero_stage")
+
+
+class CheckpointMismatch(ValueError):
+    """A checkpoint that cannot be resumed by this run; the message names every difference."""
+
+
+def _get(d: Dict[str, Any], dotted: str) -> Any:
+    for part in dotted.split("."):
+        d = d.get(part, {}) if isinstance(d, dict) else {}
+    return d if d != {} else None
+
+
+def rng_state() -> Dict[str, Any]:
+    """Every RNG this rank draws from: python, numpy, torch CPU, CUDA, megatron's TP tracker."""
+    from megatron.core.tensor_parallel.random import get_cuda_rng_tracker
+
+    return {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state(),
+            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None,
+            "megatron": get_cuda_rng_tracker().get_states()}
+
+
+def set_rng_state(state: Dict[str, Any]) -> None:
+    from megatron.core.tensor_parallel.random import get_cuda_rng_tracker
+
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"])
+    if state["cuda"] is not None and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+    get_cuda_rng_tracker().set_states(state["megatron"])
+
+
+def _layout(cfg) -> Dict[str, int]:
+    info = parallel_state.get_info()
+    return {"tensor": info.tp_size, "pipeline": info.pp_size, "dp": info.dp_size,
+            "zero_stage": cfg.parallel.zero_stage}
+
+
+def _barrier() -> None:
+    if dist.is_initialized():
+        dist.barrier()
+
+
+def _write_atomic(path: pathlib.Path, text: str) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    with open(tmp, "w") as fh:
+        fh.write(text)
+        fh.flush()
+        os.fsync(fh.fileno())
+    os.replace(tmp, path)
+
+
+def _fsync_dir(path: pathlib.Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+class CheckpointManager:
+    """Save / find / load checkpoints of one run (``{cfg.run_dir}/checkpoints``)."""
+
+    def __init__(self, cfg):
+        if cfg.checkpoint.keep_last <= 0:
+            raise ValueError(f"checkpoint.keep_last={cfg.checkpoint.keep_last} must be positive.")
+        self.cfg = cfg
+        self.dir = pathlib.Path(cfg.run_dir) / "checkpoints"
+        self.last_save_seconds: Optional[float] = None
+        self.last_load_seconds: Optional[float] = None
+        self.loaded_tag: Optional[pathlib.Path] = None
+
+    # ------------------------------------------------------------------ discovery
+
+    def complete_checkpoints(self, root: Optional[pathlib.Path] = None) -> List[pathlib.Path]:
+        """Complete checkpoint directories under ``root`` (default: this run's), oldest first."""
+        root = pathlib.Path(root or self.dir)
+        if not root.is_dir():
+            return []
+        found = []
+        for child in root.iterdir():
+            m = TAG_RE.match(child.name)
+            if m and (child / META).is_file():
+                found.append((int(m.group(1)), child))
+        return [p for _, p in sorted(found)]
+
+    def latest(self) -> Optional[pathlib.Path]:
+        ckpts = self.complete_checkpoints()
+        return ckpts[-1] if ckpts else None
+
+    def _resume_target(self) -> Optional[pathlib.Path]:
+        mode = self.cfg.checkpoint.resume
+        if mode == "none":
+            return None
+        if mode == "auto":
+            return self.latest()
+        path = pathlib.Path(mode)
+        if (path / META).is_file():
+            return path
+        if path.is_dir():
+            inside = self.complete_checkpoints(path / "checkpoints") or self.complete_checkpoints(path)
+            if inside:
+                return inside[-1]
+        raise FileNotFoundError(f"checkpoint.resume='{mode}' is not a complete checkpoint (no {META}) and holds none; "
+                                f"pass a global_stepN directory, a checkpoints directory, auto or none.")
+
+    def _clean_stale(self) -> None:
+        """Remove leftovers of an interrupted save or prune (rank 0 only)."""
+        if not self.dir.is_dir():
+            return
+        for child in self.dir.iterdir():
+            if child.name.startswith((".staging-", ".trash-")):
+                shutil.rmtree(child, ignore_errors=True)
+
+    # ------------------------------------------------------------------ save
+
+    def save(self, engine, step: int, client_state: Optional[Dict[str, Any]] = None, ema=None) -> pathlib.Path:
+        """Save a complete checkpoint of ``step`` atomically; collective over all ranks."""
+        t0 = time.perf_counter()
+        info = parallel_state.get_info()
+        tag = f"global_step{int(step)}"
+        staging = self.dir / f".staging-{tag}"
+        if info.rank == 0:
+            self.dir.mkdir(parents=True, exist_ok=True)
+            if staging.exists():
+                shutil.rmtree(staging)
+            staging.mkdir()
+        _barrier()
+        engine.save_checkpoint(str(staging), tag=tag, client_state={"heptapod_step": int(step)}, save_latest=False)
+        own = {"rng": rng_state(), "client_state": client_state or {}, "ema": None, "rank": info.rank}
+        if ema is not None and (ema.partitioned or info.dp_rank == 0):
+            own["ema"] = ema.state_dict()
+        torch.save(own, staging / tag / f"heptapod_rank{info.rank:05d}.pt")
+        _barrier()
+        final = self.dir / tag
+        if info.rank == 0:
+            meta = {"step": int(step), "tag": tag, "time": time.time(), "world_size": info.world_size,
+                    "layout": _layout(self.cfg), "has_ema": ema is not None, "config": to_dict(self.cfg)}
+            _write_atomic(staging / tag / META, json.dumps(meta, indent=1, default=str))
+            if final.exists():  # an earlier run wrote the same step: replace it, never mix the two
+                trash = self.dir / f".trash-{tag}-{time.time_ns()}"
+                os.rename(final, trash)
+                shutil.rmtree(trash)
+            os.rename(staging / tag, final)
+            _fsync_dir(self.dir)
+            shutil.rmtree(staging, ignore_errors=True)
+            _write_atomic(self.dir / "latest", tag)
+            self._prune()
+        _barrier()
+        self.last_save_seconds = time.perf_counter() - t0
+        log.info("saved checkpoint %s in %.2fs", final, self.last_save_seconds)
+        return final
+
+    def _prune(self) -> None:
+        ckpts = self.complete_checkpoints()
+        for old in ckpts[:-self.cfg.checkpoint.keep_last]:
+            trash = self.dir / f".trash-{old.name}-{time.time_ns()}"
+            os.rename(old, trash)
+            shutil.rmtree(trash, ignore_errors=True)
+
+    # ------------------------------------------------------------------ load
+
+    def check_compatible(self, meta: Dict[str, Any], where: pathlib.Path) -> None:
+        """Refuse a checkpoint of another preset / tokenizer / model shape / parallel layout."""
+        saved_cfg = meta["config"]
+        mine = to_dict(self.cfg)
+        diffs = [f"{k}: checkpoint {_get(saved_cfg, k)!r}, this run {_get(mine, k)!r}"
+                 for k in IDENTITY_FIELDS if _get(saved_cfg, k) != _get(mine, k)]
+        if diffs:
+            raise CheckpointMismatch(
+                f"checkpoint {where} was made with another model and cannot be resumed:\n  - " + "\n  - ".join(diffs)
+                + f"\nUse a new run_dir, pass checkpoint.resume=none, or set these fields to the checkpoint's values.")
+        layout = _layout(self.cfg)
+        ldiffs = [f"{k}: checkpoint {meta['layout'].get(k)}, this run {layout[k]}"
+                  for k in LAYOUT_FIELDS if meta["layout"].get(k) != layout[k]]
+        if ldiffs:
+            raise CheckpointMismatch(
+                f"checkpoint {where} has another parallel layout:\n  - " + "\n  - ".join(ldiffs)
+                + "\nRelaunch with the checkpoint's layout, or convert it first (tools/convert_ckpt.py).")
+
+    def load(self, engine, ema=None) -> Optional[Dict[str, Any]]:
+        """Resume per ``checkpoint.resume``; returns this rank's saved client_state, or None if nothing to resume.
+
+        Restores model, optimizer, LR scheduler (DeepSpeed), the EMA (if given) and every RNG state.
+        """
+        t0 = time.perf_counter()
+        info = parallel_state.get_info()
+        if info.rank == 0 and self.cfg.checkpoint.resume == "auto":
+            self._clean_stale()
+        _barrier()
+        target = self._resume_target()
+        if target is None:
+            return None
+        meta = json.loads((target / META).read_text())
+        self.check_compatible(meta, target)
+        if ema is not None and not meta.get("has_ema", False):
+            raise CheckpointMismatch(f"checkpoint {target} has no EMA but this run keeps one (train.ema_decay="
+                                     f"{self.cfg.train.ema_decay}); pass train.ema_decay=0 or start a new run_dir.")
+        load_path, _ = engine.load_checkpoint(str(target.parent), tag=target.name, load_optimizer_states=True,
+                                              load_lr_scheduler_states=True)
+        if load_path is None:
+            raise RuntimeError(f"DeepSpeed could not load checkpoint {target}; see the DeepSpeed log above.")
+        own = torch.load(target / f"heptapod_rank{info.rank:05d}.pt", map_location="cpu", weights_only=False)
+        if ema is not None:
+            ema_state = own["ema"]
+            if ema_state is None:  # replicated EMA: data-parallel rank 0 of this TP/PP group saved it
+                owner = dist.get_global_rank(parallel_state.dp_group(), 0) if dist.is_initialized() else 0
+                ema_state = torch.load(target / f"heptapod_rank{owner:05d}.pt", map_location="cpu",
+                                       weights_only=False)["ema"]
+            ema.load_state_dict(ema_state)
+        set_rng_state(own["rng"])
+        _barrier()
+        self.loaded_tag = target
+        self.last_load_seconds = time.perf_counter() - t0
+        log.info("resumed from %s (step %d) in %.2fs", target, meta["step"], self.last_load_seconds)
+        return own["client_state"]
