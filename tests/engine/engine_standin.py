@@ -146,11 +146,11 @@ def run_training(overrides, until_step: int, signal_rank_at=None, kill_in_save_a
 
 
 def full_params(engine):
-    """Full fp32 copies of all parameters (gathered under ZeRO-3; this rank's TP shard otherwise)."""
+    """Full fp32 numpy copies of all parameters (gathered under ZeRO-3; this rank's TP shard otherwise)."""
     import deepspeed
 
     out = {}
     for name, p in engine.module.named_parameters():
         with deepspeed.zero.GatheredParameters([p], enabled=hasattr(p, "ds_tensor")):
-            out[name] = p.detach().float().clone()
+            out[name] = p.detach().float().clone().numpy()  # numpy: pickles by value across processes
     return out

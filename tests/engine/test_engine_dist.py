@@ -1,8 +1,8 @@
 """Acceptance of the engine with the stand-in model: ZeRO-3 == ZeRO-0, exact resume, crash-safe saves."""
 import os
 
+import numpy as np
 import pytest
-import torch
 
 from dist_harness import run_ranks
 from engine_standin import run_training
@@ -24,14 +24,14 @@ def _run(world_size, overrides, until_step, timeout=240, **kwargs):
 def _assert_close(a, b, rtol):
     assert a.keys() == b.keys()
     for name in a:
-        err = ((a[name] - b[name]).norm() / b[name].norm().clamp_min(1e-12)).item()
+        err = float(np.linalg.norm(a[name] - b[name]) / max(np.linalg.norm(b[name]), 1e-12))
         assert err <= rtol, f"{name}: relative difference {err:.3g} > {rtol}"
 
 
 def _assert_equal(a, b):
     assert a.keys() == b.keys()
     for name in a:
-        assert torch.equal(a[name], b[name]), f"{name} differs"
+        assert np.array_equal(a[name], b[name]), f"{name} differs"
 
 
 def test_zero3_two_ranks_matches_zero0_one_rank(tmp_path):
@@ -46,7 +46,7 @@ def test_zero3_two_ranks_matches_zero0_one_rank(tmp_path):
         assert abs(z3[0]["losses"][step] - z0[0]["losses"][step]) <= 1e-5 * abs(z0[0]["losses"][step])
     # the run really trained, and the EMA lags behind the weights
     assert z0[0]["losses"][4] < z0[0]["losses"][0]
-    assert any(not torch.allclose(z0[0]["ema"][n], z0[0]["params"][n]) for n in z0[0]["params"])
+    assert any(not np.allclose(z0[0]["ema"][n], z0[0]["params"][n]) for n in z0[0]["params"])
 
 
 def test_preempt_and_resume_is_exact_under_zero3(tmp_path):
