@@ -49,11 +49,17 @@ def test_zero3_two_ranks_matches_zero0_one_rank(tmp_path):
     assert any(not np.allclose(z0[0]["ema"][n], z0[0]["params"][n]) for n in z0[0]["params"])
 
 
+def _full_then_preempted(rank, world_size, cfg, tmp):
+    full = run_training(cfg + [f"run_dir={tmp}/full", "checkpoint.resume=none"], 10)
+    first = run_training(cfg + [f"run_dir={tmp}/split"], 10, signal_rank_at=(1, 5))
+    return full, first
+
+
 def test_preempt_and_resume_is_exact_under_zero3(tmp_path):
     cfg = BASE + ["parallel.zero_stage=3", "train.micro_batch_size=2", "train.grad_accum=2"]
-    full = _run(2, cfg + [f"run_dir={tmp_path}/full", "checkpoint.resume=none"], 10)
-    # rank 1 alone gets SIGUSR1 after step 5; both ranks must stop there, save and resume
-    first = _run(2, cfg + [f"run_dir={tmp_path}/split"], 10, signal_rank_at=(1, 5))
+    # one launch: the uninterrupted reference, then a run in which rank 1 alone gets SIGUSR1 after
+    # step 5; both ranks must stop there and save
+    full, first = zip(*run_ranks(_full_then_preempted, 2, args=(cfg, str(tmp_path)), timeout=300))
     assert [r["step"] for r in first] == [5, 5]
     assert first[1]["stopped_by"] == "SIGUSR1"
     second = _run(2, cfg + [f"run_dir={tmp_path}/split"], 10)
