@@ -1,4 +1,5 @@
 """Acceptance of the engine with the stand-in model: ZeRO-3 == ZeRO-0, exact resume, crash-safe saves."""
+import json
 import os
 
 import numpy as np
@@ -34,9 +35,23 @@ def _assert_equal(a, b):
         assert np.array_equal(a[name], b[name]), f"{name} differs"
 
 
-def test_zero3_two_ranks_matches_zero0_one_rank(tmp_path):
-    z3 = _run(2, BASE + ["parallel.zero_stage=3", "train.micro_batch_size=4", f"run_dir={tmp_path}/z3",
-                         "checkpoint.resume=none"], 5)
+def _zero3_both_persistence_modes(rank, world_size, tmp, ds_json):
+    """ZeRO-3 with the shipped config (small parameters stay gathered) and with none kept gathered."""
+    cfg = BASE + ["parallel.zero_stage=3", "train.micro_batch_size=4", "checkpoint.resume=none"]
+    kept = run_training(cfg + [f"run_dir={tmp}/z3"], 5)
+    released = run_training(cfg + [f"run_dir={tmp}/z3r", f"parallel.ds_config={ds_json}"], 5)
+    return kept, released
+
+
+def test_zero3_two_ranks_matches_zero0_one_rank(tmp_path, repo_root):
+    ds = json.loads((repo_root / "ds_configs" / "zero3.json").read_text())
+    ds["zero_optimization"]["stage3_param_persistence_threshold"] = 0
+    (tmp_path / "z3_release.json").write_text(json.dumps(ds))
+    z3, z3r = zip(*run_ranks(_zero3_both_persistence_modes, 2,
+                             args=(str(tmp_path), str(tmp_path / "z3_release.json")), timeout=300))
+    for rank in range(2):
+        _assert_equal(z3r[rank]["params"], z3[rank]["params"])
+        _assert_equal(z3r[rank]["ema"], z3[rank]["ema"])
     z0 = _run(1, BASE + ["parallel.zero_stage=0", "train.micro_batch_size=8", f"run_dir={tmp_path}/z0",
                          "checkpoint.resume=none"], 5)
     _assert_equal(z3[0]["params"], z3[1]["params"])
