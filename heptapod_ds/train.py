@@ -32,9 +32,19 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def parse_config(argv=None):
+    """Parse the command line; a ``--ds_config`` JSON that fixes its ZeRO stage selects that stage,
+    before the user's own ``key=value`` overrides (an explicit, different stage is then an error)."""
     args = build_parser().parse_args(argv)
     if args.ds_config:
-        args.overrides = [*args.overrides, f"parallel.ds_config={args.ds_config}"]
+        from heptapod_ds.config import ConfigError
+        from heptapod_ds.engine.ds_config import file_overrides
+
+        try:
+            implied = file_overrides(args.ds_config)
+        except ConfigError as e:
+            print(f"error: {e}", file=sys.stderr)
+            sys.exit(2)
+        args.overrides = [*implied, f"parallel.ds_config={args.ds_config}", *args.overrides]
     return args, resolve_or_exit(args)
 
 

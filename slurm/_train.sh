@@ -20,7 +20,7 @@ export OMP_NUM_THREADS="${OMP_NUM_THREADS:-${SLURM_CPUS_PER_TASK:-8}}"
 export CUDA_DEVICE_MAX_CONNECTIONS=1   # megatron's TP overlap wants in-order kernel launch
 export WANDB_RUN_GROUP="${WANDB_RUN_GROUP:-heptapod-${PRESET}}"
 # The exit status the trainer uses for "stopped by SIGTERM/SIGUSR1, checkpoint saved".
-REQUEUE_EXIT="$(.venv/bin/python -c 'from heptapod_ds.engine.preemption import REQUEUE_EXIT_CODE as c; print(c)')"
+REQUEUE_EXIT="$(.venv/bin/python -c 'from heptapod_ds.engine import REQUEUE_EXIT_CODE as c; print(c)')"
 
 echo "[slurm] job $SLURM_JOB_ID: preset=$PRESET nodes=$SLURM_JOB_NUM_NODES tasks=$SLURM_NTASKS tp=$TP run_dir=$RUN_DIR"
 srun --kill-on-bad-exit=1 --cpu-bind=none \

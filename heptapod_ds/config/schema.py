@@ -6,7 +6,6 @@ prints and what error messages quote. Defaults describe the ``tiny`` CPU demo; p
 """
 from __future__ import annotations
 
-import dataclasses
 from dataclasses import dataclass, field
 from typing import Any, Optional
 
@@ -165,7 +164,8 @@ class SamplingConfig:
     top_k: int = F(0, "Top-k filter for discrete tokens (0 = off).")
     seed: int = F(0, "Seed of the sampler.")
     use_ema: bool = F(True, "Sample with the EMA weights when available.")
-    eval_per_class: int = F(100, "Samples per class drawn at the end of training to score a digits run.")
+    eval_per_class: int = F(100, "Samples per class drawn at the end of training to score a digits run "
+                            "(0 = no final sampling).")
 
 
 @dataclass

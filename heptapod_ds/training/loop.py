@@ -13,7 +13,6 @@ import time
 from typing import Dict, Optional
 
 import torch
-import torch.distributed as dist
 
 from heptapod_ds.config import HeptapodConfig, to_yaml
 from heptapod_ds.distributed import parallel_state
@@ -23,14 +22,6 @@ from .data_stream import BatchStream, sample_seeds
 from .throughput import ThroughputMeter, memory_gib, peak_tflops
 
 log = get_logger(__name__)
-
-
-def _mean_over(group, values: torch.Tensor) -> torch.Tensor:
-    if dist.is_initialized() and dist.get_world_size(group) > 1:
-        values = values.clone()
-        dist.all_reduce(values, group=group)
-        values /= dist.get_world_size(group)
-    return values
 
 
 def _atomic_write(path: str, text: str) -> None:
@@ -77,6 +68,7 @@ class Trainer:
         if state is not None:
             self.step = int(state["step"])
             position = state["data"]
+            self.nonfinite.load_state_dict(state["nonfinite"])
             log.info("resumed at step %d (epoch %d, micro-step %d)", self.step, position["epoch"],
                      position["micro_step"])
         self.stream = BatchStream(cfg, self.info.dp_rank, self.info.dp_size, **position)
@@ -95,86 +87,89 @@ class Trainer:
                  cfg.parallel.zero_stage, cfg.train.grad_accum)
 
     # ------------------------------------------------------------------ one step
-    def train_step(self) -> Dict[str, float]:
-        cfg = self.cfg
-        losses = []
-        for _ in range(cfg.train.grad_accum):
+    def _micro_batches(self):
+        """One optimizer step's micro-batches, with per-sample seeds for the model's random draws."""
+        out = []
+        for _ in range(self.cfg.train.grad_accum):
             tokens, labels, ids, epoch = self.stream.next()
-            seeds = sample_seeds(cfg.train.seed, epoch, ids).to(self.device)
-            loss, _stats = self.engine(tokens.to(self.device), labels.to(self.device), sample_seeds=seeds)
-            losses.append(loss.detach().float())
-            self.engine.backward(loss)
-            self.engine.step()
-            self.meter.add(labels.shape[0] * self.info.dp_size)
-        local = torch.stack(losses).mean()
-        return {"loss": local}
+            out.append((tokens, labels, sample_seeds(self.cfg.train.seed, epoch, ids)))
+        return out
+
+    def _loss(self, engine, micro_batch) -> torch.Tensor:
+        tokens, labels, seeds = (t.to(self.device) for t in micro_batch)
+        loss, _stats = engine(tokens, labels, sample_seeds=seeds)
+        return loss
+
+    def _client_state(self) -> Dict:
+        return {"step": self.step, "data": self.stream.position(), "nonfinite": self.nonfinite.state_dict()}
 
     # ------------------------------------------------------------------ the loop
     def run(self) -> int:
-        cfg = self.cfg
         from tqdm import tqdm
 
+        from heptapod_ds.engine import train_step
+
+        cfg = self.cfg
         bar = tqdm(total=cfg.train.steps, initial=self.step, desc="train", dynamic_ncols=True,
                    disable=not (parallel_state.is_rank0() and cfg.logging.progress_bar))
         t_start = time.time()
         exit_code = 0
         last_loss: Optional[float] = None
         while self.step < cfg.train.steps:
-            out = self.nonfinite.run_step(self.engine, self.train_step, ema=self.ema)
-            if out.skipped:
-                log.warning("step %d: non-finite loss, step skipped (%d in a row, %d total)", self.step + 1,
-                            self.nonfinite.in_a_row, self.nonfinite.total)
+            batches = self._micro_batches()
+            result = train_step(self.engine, batches, self._loss, self.nonfinite, ema=self.ema)
+            if result.skipped:
+                log.warning("step %d: non-finite loss, step skipped (%d in a row, %d in total)", self.step + 1,
+                            self.nonfinite.in_a_row, self.nonfinite.total_skipped)
                 if self.nonfinite.should_stop:
-                    self._save(reason="non-finite")
-                    raise FloatingPointError(
-                        f"{self.nonfinite.in_a_row} non-finite losses in a row (train.max_nonfinite="
-                        f"{cfg.train.max_nonfinite}); saved the last good state at step {self.step}. Lower the "
-                        f"learning rate or check the data.")
-                continue
-            self.step += 1
-            if self.ema is not None:
-                self.ema.update()
-            loss = _mean_over(parallel_state.dp_group(), out.metrics["loss"].to(self.device)).item()
-            last_loss = loss
-            bar.update(1)
-            bar.set_postfix(loss=f"{loss:.4f}")
-            if self.step % cfg.logging.log_every == 0 or self.step == cfg.train.steps:
-                self._log(loss)
-            if cfg.train.sample_every and self.step % cfg.train.sample_every == 0:
-                self.evaluate(final=False)
+                    self._save(reason="non-finite losses; last good state")
+                    raise self.nonfinite.error(self.step)
+            else:
+                self.step += 1
+                self.meter.add(sum(mb[1].shape[0] for mb in batches) * self.info.dp_size)
+                last_loss = result.loss
+                bar.update(1)
+                bar.set_postfix(loss=f"{result.loss:.4f}")
+                if self.step % cfg.logging.log_every == 0 or self.step == cfg.train.steps:
+                    self._log(result)
+                if cfg.train.sample_every and self.step % cfg.train.sample_every == 0:
+                    self.evaluate(final=False)
             if self.preempt.should_stop():
-                log.warning("preemption signal received: saving at step %d and exiting with status %d",
-                            self.step, self.preempt.exit_code)
+                log.warning("%s received: saving at step %d, exiting with status %d (requeue)",
+                            self.preempt.signal_name or "preemption signal", self.step, self.preempt.exit_code)
                 self._save(reason="preempted")
                 exit_code = self.preempt.exit_code
                 break
-            if cfg.checkpoint.save_every and self.step % cfg.checkpoint.save_every == 0:
+            if not result.skipped and cfg.checkpoint.save_every and self.step % cfg.checkpoint.save_every == 0:
                 self._save(reason="periodic")
         bar.close()
+        self.preempt.close()
         if exit_code == 0:
-            if not self.ckpt.has_step(self.step):
+            latest = self.ckpt.latest()
+            if latest is None or latest.name != f"global_step{self.step}":
                 self._save(reason="final")
-            summary = self.evaluate(final=True)
+            summary = self.evaluate(final=True) if cfg.sampling.eval_per_class > 0 else {}
             summary.update(steps=self.step, final_loss=last_loss, train_wall_s=time.time() - t_start,
-                           nonfinite_skipped=self.nonfinite.total)
+                           nonfinite_skipped=self.nonfinite.total_skipped)
             if parallel_state.is_rank0():
                 _atomic_write(os.path.join(cfg.run_dir, "summary.json"), json.dumps(summary, indent=2) + "\n")
                 log.info("summary: %s", json.dumps(summary))
         self.metrics.close()
         return exit_code
 
-    def _log(self, loss: float) -> None:
-        rec = {"loss": loss, "lr": self.scheduler.get_last_lr()[0] if self.scheduler else self.cfg.optimizer.lr,
-               "grad_norm": _grad_norm(self.engine), "nonfinite_skipped": self.nonfinite.total}
+    def _log(self, result) -> None:
+        grad_norm = result.grad_norm if result.grad_norm is not None and math.isfinite(result.grad_norm) else None
+        rec = {"loss": result.loss, "lr": result.lr, "grad_norm": grad_norm,
+               "nonfinite_skipped": self.nonfinite.total_skipped}
         rec.update(self.meter.report())
         rec.update(memory_gib())
         self.metrics.log(self.step, rec)
-        log.info("step %d | loss %.4f | lr %.3g | gnorm %s | %.1f img/s", self.step, loss, rec["lr"],
+        log.info("step %d | loss %.4f | lr %.3g | gnorm %s | %.1f img/s", self.step, result.loss, rec["lr"],
                  f"{rec['grad_norm']:.3f}" if rec["grad_norm"] is not None else "n/a", rec["images_per_s"])
 
     def _save(self, reason: str) -> None:
         t0 = time.time()
-        self.ckpt.save(self.engine, self.step, {"step": self.step, "data": self.stream.position()}, ema=self.ema)
+        self.ckpt.save(self.engine, self.step, self._client_state(), ema=self.ema)
         log.info("saved checkpoint at step %d (%s) in %.1fs", self.step, reason, time.time() - t0)
 
     # ------------------------------------------------------------------ samples and quality
@@ -182,14 +177,6 @@ class Trainer:
         from .evaluate import sample_and_score
 
         return sample_and_score(self, final=final)
-
-
-def _grad_norm(engine) -> Optional[float]:
-    norm = engine.get_global_grad_norm()
-    if norm is None:
-        return None
-    norm = float(norm)
-    return norm if math.isfinite(norm) else None
 
 
 def _to_dict(cfg):
