@@ -129,3 +129,23 @@ def test_nonfinite_loss_skips_cleanly_and_stops_after_m_in_a_row(tmp_path):
         _assert_equal(a["ema"], b["ema"])
     assert out["stop"].startswith("NonFiniteLossError: 3 non-finite losses in a row at step 3")
     assert (tmp_path / "stop" / "checkpoints" / "global_step3" / "heptapod_meta.json").is_file()
+
+
+def _tensor_parallel_resume(rank, world_size, tmp):
+    cfg = BASE + ["parallel.tensor=2", "parallel.zero_stage=1", "train.micro_batch_size=8"]
+    full = run_training(cfg + [f"run_dir={tmp}/full", "checkpoint.resume=none"], 4)
+    run_training(cfg + [f"run_dir={tmp}/split", "checkpoint.resume=none"], 2)
+    resumed = run_training(cfg + [f"run_dir={tmp}/split"], 4)  # a fresh engine resumes the TP shards
+    return full, resumed
+
+
+def test_tensor_parallel_shards_resume_exactly(tmp_path):
+    out = run_ranks(_tensor_parallel_resume, 2, args=(str(tmp_path),), timeout=300)
+    for full, resumed in out:
+        assert resumed["losses"] == full["losses"]
+        _assert_equal(resumed["params"], full["params"])
+        _assert_equal(resumed["ema"], full["ema"])
+    (full0, _), (full1, _) = out
+    assert full0["params"]["fc1.weight"].shape == (32, 16)  # column-parallel: half of 64 rows per rank
+    assert not np.array_equal(full0["params"]["fc1.weight"], full1["params"]["fc1.weight"])
+    _assert_equal({"n": full0["params"]["norm1.weight"]}, {"n": full1["params"]["norm1.weight"]})
