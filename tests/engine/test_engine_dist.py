@@ -10,6 +10,8 @@ from engine_standin import run_training
 
 pytestmark = pytest.mark.slow
 
+DS_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "..", "ds_configs")
+
 BASE = ["train.global_batch_size=8", "optimizer.lr=0.01", "schedule.warmup_steps=2", "train.steps=10",
         "train.ema_decay=0.9", "optimizer.weight_decay=0.1", "optimizer.grad_clip=0.5"]
 
@@ -101,11 +103,14 @@ def test_sigkill_while_saving_resumes_from_previous_checkpoint(tmp_path):
     assert sorted(os.listdir(ckpts)) == ["global_step4", "global_step6", "latest"]
 
 
+NONFINITE_CASES = {"0": ["parallel.zero_stage=0"], "2": ["parallel.zero_stage=2"], "3": ["parallel.zero_stage=3"],
+                   "3-offload": ["parallel.zero_stage=3", f"parallel.ds_config={DS_DIR}/zero3_offload.json"]}
+
+
 def _nonfinite_body(rank, world_size, tmp):
     out = {}
-    for stage in (0, 2, 3):
-        cfg = BASE + [f"parallel.zero_stage={stage}", "train.micro_batch_size=4", "train.grad_accum=2",
-                      "checkpoint.resume=none"]
+    for stage, extra in NONFINITE_CASES.items():
+        cfg = BASE + extra + ["train.micro_batch_size=4", "train.grad_accum=2", "checkpoint.resume=none"]
         # a NaN in the first micro batch skips before any backward; in the second it must discard the
         # gradients of the first: both must give the same trajectory
         a = run_training(cfg + [f"run_dir={tmp}/a{stage}"], 4, poison=[(2, 0)])
@@ -121,7 +126,7 @@ def _nonfinite_body(rank, world_size, tmp):
 
 def test_nonfinite_loss_skips_cleanly_and_stops_after_m_in_a_row(tmp_path):
     out = run_ranks(_nonfinite_body, 1, args=(str(tmp_path),), timeout=300)[0]
-    for stage in (0, 2, 3):
+    for stage in NONFINITE_CASES:
         a, b = out[stage]
         assert a["skipped"] == b["skipped"] == 1
         assert a["losses"] == b["losses"]
