@@ -1,7 +1,8 @@
 """Print every size preset's parameter counts and training FLOPs per image.
 
     python -m heptapod_ds.presets            # table
-    python -m heptapod_ds.presets --json     # {preset: {"backbone", "head", "diffusion", "total", "train_flops_per_image"}}
+    python -m heptapod_ds.presets --json     # JSON, per preset:
+        # {"backbone": n, "head": n, "diffusion": n, "total": n, "train_flops_per_image": n}
 
 Models are built on the meta device, so counting costs no memory.
 """
@@ -37,8 +38,8 @@ def format_table(table: Dict[str, Dict[str, int]]) -> str:
     head = f"{'preset':<7}{'backbone':>12}{'head':>12}{'diffusion':>12}{'total':>12}{'train GFLOPs/img':>18}"
     lines: List[str] = [head, "-" * len(head)]
     for name, r in table.items():
-        lines.append(f"{name:<7}{r['backbone'] / 1e6:>11.2f}M{r['head'] / 1e6:>11.2f}M{r['diffusion'] / 1e6:>11.2f}M"
-                     f"{r['total'] / 1e6:>11.2f}M{r['train_flops_per_image'] / 1e9:>18.1f}")
+        sizes = "".join(f"{r[k] / 1e6:>11.2f}M" for k in ("backbone", "head", "diffusion", "total"))
+        lines.append(f"{name:<7}{sizes}{r['train_flops_per_image'] / 1e9:>18.1f}")
     lines.append("diffusion = per-token output (diffusion MLP; the classifier for discrete tokenizers).")
     return "\n".join(lines)
 

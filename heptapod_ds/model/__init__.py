@@ -17,8 +17,9 @@ def build_model(cfg, device=None) -> HeptapodModel:
 
     info = parallel_state.get_info()
     if info.tp_size != cfg.parallel.tensor:
-        raise ValueError(f"cfg.parallel.tensor={cfg.parallel.tensor} but the parallel state was initialized with "
-                         f"tensor={info.tp_size}; pass the same size to heptapod_ds.distributed.initialize().")
+        raise ValueError(f"cfg.parallel.tensor={cfg.parallel.tensor} but the parallel state was initialized "
+                         f"with tensor={info.tp_size}; pass the same size to "
+                         f"heptapod_ds.distributed.initialize().")
     impl = resolve_impl(cfg.backbone.transformer_impl)
     model = HeptapodModel(cfg, impl=impl, tensor_parallel=info.tp_size)
     model = model.to(device or info.device)

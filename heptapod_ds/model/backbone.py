@@ -39,7 +39,8 @@ class CausalBackbone(nn.Module):
         else:
             self.pos_embed = LearnedPosition2D(tok.grid_size, bb.width)
         self.config = make_transformer_config(depth=bb.depth, width=bb.width, num_heads=bb.num_heads,
-                                              mlp_ratio=bb.mlp_ratio, dropout=bb.dropout, norm_eps=bb.norm_eps,
+                                              mlp_ratio=bb.mlp_ratio, dropout=bb.dropout,
+                                              norm_eps=bb.norm_eps,
                                               tensor_parallel=tensor_parallel)
         self.decoder = build_stack(self.config, impl, AttnMaskType.causal)
 
@@ -54,11 +55,13 @@ class CausalBackbone(nn.Module):
         """
         n = 0 if tokens is None else tokens.shape[1]
         if not 0 <= start <= n:
-            raise ValueError(f"backbone slots start={start} outside [0, {n}]: pass the tokens up to the last slot.")
+            raise ValueError(f"backbone slots start={start} outside [0, {n}]: pass the tokens up to the "
+                             f"last slot.")
         if n > self.num_tokens - 1:
             raise ValueError(f"backbone takes at most {self.num_tokens - 1} tokens (x_1..x_(N-1)), got {n}.")
         if inference_context is not None and inference_context.sequence_len_offset != start:
-            raise ValueError(f"the KV cache holds {inference_context.sequence_len_offset} slots but start={start}; "
+            raise ValueError(f"the KV cache holds {inference_context.sequence_len_offset} slots but "
+                             f"start={start}; "
                              f"run the slots in order with one cache per generation.")
         parts = []
         if start == 0:

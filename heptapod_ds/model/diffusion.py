@@ -86,7 +86,8 @@ class DenoiserMLP(nn.Module):
 
 
 class DiffusionLoss(nn.Module):
-    def __init__(self, channels: int, cond_dim: int, width: int, depth: int, train_steps: int, batch_mul: int):
+    def __init__(self, channels: int, cond_dim: int, width: int, depth: int, train_steps: int,
+                 batch_mul: int):
         super().__init__()
         self.channels = channels
         self.train_steps = train_steps
@@ -123,7 +124,8 @@ class DiffusionLoss(nn.Module):
                generator: Optional[torch.Generator]) -> torch.Tensor:
         """Draw one token per row of ``z`` [B, D] with DDPM over ``num_steps`` respaced levels."""
         if not 1 <= num_steps <= self.train_steps:
-            raise ValueError(f"num_steps={num_steps} must be in [1, {self.train_steps}] (diffusion.train_steps).")
+            raise ValueError(f"num_steps={num_steps} must be in [1, {self.train_steps}] "
+                             f"(diffusion.train_steps).")
         levels = torch.linspace(0, self.train_steps - 1, num_steps, dtype=torch.float64).round().long()
         abar = self.alphas_cumprod[levels]
         abar_prev = torch.cat([torch.ones(1, dtype=abar.dtype, device=abar.device), abar[:-1]])

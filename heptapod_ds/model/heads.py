@@ -64,7 +64,8 @@ class GridHead(nn.Module):
         if timesteps.dim() != 2 or timesteps.shape[0] != b:
             raise ValueError(f"timesteps must be [B={b}, T], got {tuple(timesteps.shape)}.")
         if int(timesteps.max()) >= n:
-            raise ValueError(f"timestep {int(timesteps.max())} needs backbone outputs o_0..o_t, only {n} given.")
+            raise ValueError(f"timestep {int(timesteps.max())} needs backbone outputs o_0..o_t, "
+                             f"only {n} given.")
         num_t = timesteps.shape[1]
         proj = self.input_proj(prefix)                                     # [B, n, Wh]
         proj = nn.functional.pad(proj, (0, 0, 0, self.num_slots - n))      # [B, S, Wh]

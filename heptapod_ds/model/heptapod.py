@@ -92,13 +92,15 @@ class HeptapodModel(nn.Module):
         n = self.num_tokens
         if self.discrete:
             if tokens.dtype != torch.long or tokens.dim() != 2 or tokens.shape[1] != n:
-                raise ValueError(f"discrete tokens must be long [B, {n}], got {tokens.dtype} {tuple(tokens.shape)}.")
+                raise ValueError(f"discrete tokens must be long [B, {n}], "
+                                 f"got {tokens.dtype} {tuple(tokens.shape)}.")
             lo, hi = int(tokens.min()), int(tokens.max())
             if lo < 0 or hi >= self.vocab_size:
                 raise ValueError(f"token ids must be in [0, {self.vocab_size}) (tokenizer.vocab_size), "
                                  f"got values in [{lo}, {hi}].")
         elif not tokens.is_floating_point() or tokens.dim() != 3 or tokens.shape[1:] != (n, self.channels):
-            raise ValueError(f"continuous tokens must be float [B, {n}, {self.channels}] (tokenizer.channels), "
+            raise ValueError(f"continuous tokens must be float [B, {n}, {self.channels}] "
+                             f"(tokenizer.channels), "
                              f"got {tokens.dtype} {tuple(tokens.shape)}.")
         _check_labels(labels, tokens.shape[0], self.num_classes)
         if sample_seeds is not None and (sample_seeds.dim() != 1 or sample_seeds.shape[0] != tokens.shape[0]):

@@ -10,8 +10,8 @@ row-parallel (``tensor_model_parallel=True`` on their weights); LayerNorms are r
 from __future__ import annotations
 
 import copy
+import importlib
 import functools
-from typing import Optional
 
 import torch
 from megatron.core.transformer.enums import AttnMaskType
@@ -27,7 +27,7 @@ def transformer_engine_available() -> bool:
     if not torch.cuda.is_available():
         return False
     try:
-        import transformer_engine  # noqa: F401
+        importlib.import_module("transformer_engine")  # the import is the probe
     except Exception:  # noqa: BLE001 - a broken TE install must not break the local path
         return False
     return True
@@ -35,12 +35,13 @@ def transformer_engine_available() -> bool:
 
 def resolve_impl(requested: str) -> str:
     if requested not in TRANSFORMER_IMPLS:
-        raise ValueError(f"backbone.transformer_impl='{requested}' is not one of {', '.join(TRANSFORMER_IMPLS)}.")
+        raise ValueError(f"backbone.transformer_impl='{requested}' is not one of "
+                         f"{', '.join(TRANSFORMER_IMPLS)}.")
     if requested == "auto":
         return "transformer_engine" if transformer_engine_available() else "local"
     if requested == "transformer_engine" and not transformer_engine_available():
-        raise RuntimeError("backbone.transformer_impl=transformer_engine needs the transformer_engine package and a "
-                           "CUDA device; use transformer_impl=local (or auto) on this machine.")
+        raise RuntimeError("backbone.transformer_impl=transformer_engine needs the transformer_engine "
+                           "package and a CUDA device; use transformer_impl=local (or auto) on this machine.")
     return requested
 
 
@@ -64,7 +65,7 @@ def make_transformer_config(*, depth: int, width: int, num_heads: int, mlp_ratio
 
 
 def layer_spec(impl: str, mask_type: AttnMaskType):
-    """The megatron layer spec for ``impl`` ('local' / 'transformer_engine') with self-attention of ``mask_type``."""
+    """Megatron layer spec for ``impl`` (local / transformer_engine), self-attention of ``mask_type``."""
     from megatron.core.models.gpt import gpt_layer_specs
 
     if impl == "transformer_engine":

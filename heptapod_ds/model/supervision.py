@@ -35,7 +35,8 @@ def supervised_count(t: int, num_tokens: int, supervised: int, window: Optional[
     return n if supervised == 0 else min(supervised, n)
 
 
-def expected_targets_per_image(num_tokens: int, timesteps: int, supervised: int, window: Optional[int]) -> float:
+def expected_targets_per_image(num_tokens: int, timesteps: int, supervised: int,
+                               window: Optional[int]) -> float:
     """Mean number of supervised targets per image (timesteps uniform over 0..N-1)."""
     mean = sum(supervised_count(t, num_tokens, supervised, window) for t in range(num_tokens)) / num_tokens
     return timesteps * mean
@@ -67,5 +68,6 @@ def next_token_plan(batch: int, num_tokens: int) -> SupervisionPlan:
     """The 1D baseline: every o_t (t = 0..N-1) predicts x_{t+1}; ``rows`` index o_t in [B*N]."""
     t = torch.arange(num_tokens)
     return SupervisionPlan(timesteps=t.expand(batch, num_tokens), rows=torch.arange(batch * num_tokens),
-                           slots=(t + 1).repeat(batch), sample=torch.arange(batch).repeat_interleave(num_tokens),
+                           slots=(t + 1).repeat(batch),
+                           sample=torch.arange(batch).repeat_interleave(num_tokens),
                            counts=torch.full((batch,), num_tokens, dtype=torch.long))

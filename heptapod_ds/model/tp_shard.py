@@ -49,7 +49,8 @@ def split_full_state_dict(full_sd: Dict[str, torch.Tensor], model: nn.Module, tp
                                  f"{tp_size} x the local size {local.shape[dim]}.")
             full = full.chunk(tp_size, dim=dim)[tp_rank]
         if full.shape != local.shape:
-            raise ValueError(f"'{name}': shape {tuple(full.shape)} does not match the model's {tuple(local.shape)}.")
+            raise ValueError(f"'{name}': shape {tuple(full.shape)} does not match the model's "
+                             f"{tuple(local.shape)}.")
         out[name] = full.clone()
     return out
 

@@ -64,7 +64,8 @@ def _tp1_body(rank, world_size, states_path):
         tokens, labels, seeds = _batch(kind, cfg)
         loss, _ = model(tokens, labels, sample_seeds=seeds)
         loss.backward()
-        reference[(kind, head)] = (float(loss.detach()), {n: p.grad.clone() for n, p in model.named_parameters()})
+        grads = {n: p.grad.clone() for n, p in model.named_parameters()}
+        reference[(kind, head)] = (float(loss.detach()), grads)
     torch.save(full_states, states_path)
     return _to_bytes(reference)
 
