@@ -257,6 +257,9 @@ def validate(cfg: HeptapodConfig, world_size: Optional[int] = None) -> HeptapodC
     if not 0.0 <= cfg.train.ema_decay < 1.0:
         err(f"train.ema_decay={cfg.train.ema_decay} must be in [0, 1) (0 disables the EMA).")
 
+    if bb.pos_embed == "rope2d" and bb.width % bb.num_heads == 0 and (bb.width // bb.num_heads) % 4:
+        err(f"backbone.pos_embed=rope2d needs a head dimension (width / num_heads = {bb.width // bb.num_heads}) "
+            f"divisible by 4 (a quarter each for row and column pairs); change the sizes or use pos_embed=learned.")
     for name, sec in (("backbone", bb), ("head", head)):
         if sec.width % sec.num_heads:
             err(f"{name}.width={sec.width} is not divisible by {name}.num_heads={sec.num_heads}.")

@@ -66,3 +66,11 @@ def test_bad_inputs_are_refused(tiny_model):
         model(tokens, labels, sample_seeds=torch.arange(3))
     with pytest.raises(ValueError, match="at most"):
         model.backbone(labels, tokens)
+
+
+def test_config_refuses_rope2d_head_dim_not_multiple_of_4():
+    from heptapod_ds.config.loader import ConfigError, load_config
+
+    with pytest.raises(ConfigError, match="divisible by 4"):
+        load_config(overrides=["backbone.width=24", "backbone.num_heads=4"], world_size=1)
+    load_config(overrides=["backbone.width=24", "backbone.num_heads=4", "backbone.pos_embed=learned"], world_size=1)
