@@ -3,7 +3,7 @@
 Layout under ``{run_dir}/checkpoints``::
 
     global_step{N}/                    one complete checkpoint (DeepSpeed's files + ours)
-        mp_rank_*/zero_pp_rank_*       DeepSpeed: model, optimizer, LR scheduler
+        mp_rank_*/zero_pp_rank_*       DeepSpeed: model, optimizer, LR scheduler (in pp_stageKK/ with PP>1)
         heptapod_rank{R:05d}.pt        per global rank: RNG states, the trainer's client_state, EMA piece
         heptapod_meta.json             step, resolved config, parallel layout (written last)
     latest                             DeepSpeed-compatible pointer to the newest complete tag
@@ -88,6 +88,12 @@ def _layout(cfg) -> Dict[str, int]:
     info = parallel_state.get_info()
     return {"tensor": info.tp_size, "pipeline": info.pp_size, "dp": info.dp_size,
             "zero_stage": cfg.parallel.zero_stage}
+
+
+def _engine_tag(tag: str, info) -> str:
+    """DeepSpeed's tag for this rank: with pipeline parallelism each stage has its own engine, and all
+    stages would write the same ``mp_rank_XX_model_states.pt`` (XX = TP rank), so each gets a subfolder."""
+    return tag if info.pp_size == 1 else f"{tag}/pp_stage{info.pp_rank:02d}"
 
 
 def _barrier() -> None:
@@ -180,7 +186,8 @@ class CheckpointManager:
                 shutil.rmtree(staging)
             staging.mkdir()
         _barrier()
-        engine.save_checkpoint(str(staging), tag=tag, client_state={"heptapod_step": int(step)}, save_latest=False)
+        engine.save_checkpoint(str(staging), tag=_engine_tag(tag, info), client_state={"heptapod_step": int(step)},
+                               save_latest=False)
         own = {"rng": rng_state(), "client_state": client_state or {}, "ema": None, "rank": info.rank}
         if ema is not None and (ema.partitioned or info.dp_rank == 0):
             own["ema"] = ema.state_dict()
@@ -250,8 +257,8 @@ class CheckpointManager:
         if ema is not None and not meta.get("has_ema", False):
             raise CheckpointMismatch(f"checkpoint {target} has no EMA but this run keeps one (train.ema_decay="
                                      f"{self.cfg.train.ema_decay}); pass train.ema_decay=0 or start a new run_dir.")
-        load_path, _ = engine.load_checkpoint(str(target.parent), tag=target.name, load_optimizer_states=True,
-                                              load_lr_scheduler_states=True)
+        load_path, _ = engine.load_checkpoint(str(target.parent), tag=_engine_tag(target.name, info),
+                                              load_optimizer_states=True, load_lr_scheduler_states=True)
         if load_path is None:
             raise RuntimeError(f"DeepSpeed could not load checkpoint {target}; see the DeepSpeed log above.")
         own = torch.load(target / f"heptapod_rank{info.rank:05d}.pt", map_location="cpu", weights_only=False)

@@ -75,3 +75,9 @@ def test_unresolved_grad_accum_is_refused():
     cfg = load_config(overrides=["train.grad_accum=0"], validate_config=False)
     with pytest.raises(ConfigError, match="validate the config"):
         ds_config.resolve(cfg, data_parallel_size=1)
+
+
+def test_pipeline_runs_skip_deepspeeds_common_tag_check():
+    cfg = _cfg("parallel.pipeline=2", "backbone.depth=4", world_size=2)
+    assert ds_config.resolve(cfg)["checkpoint"]["tag_validation"] == "Ignore"
+    assert "checkpoint" not in ds_config.resolve(_cfg())

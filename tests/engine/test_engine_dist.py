@@ -136,16 +136,26 @@ def test_nonfinite_loss_skips_cleanly_and_stops_after_m_in_a_row(tmp_path):
     assert (tmp_path / "stop" / "checkpoints" / "global_step3" / "heptapod_meta.json").is_file()
 
 
-def _tensor_parallel_resume(rank, world_size, tmp):
-    cfg = BASE + ["parallel.tensor=2", "parallel.zero_stage=1", "train.micro_batch_size=8"]
+def _model_parallel_resume(rank, world_size, tmp, layout):
+    cfg = BASE + layout + ["parallel.zero_stage=1", "train.micro_batch_size=8"]
     full = run_training(cfg + [f"run_dir={tmp}/full", "checkpoint.resume=none"], 4)
     run_training(cfg + [f"run_dir={tmp}/split", "checkpoint.resume=none"], 2)
-    resumed = run_training(cfg + [f"run_dir={tmp}/split"], 4)  # a fresh engine resumes the TP shards
+    resumed = run_training(cfg + [f"run_dir={tmp}/split"], 4)  # a fresh engine resumes the shards
     return full, resumed
 
 
+def test_pipeline_stages_keep_separate_checkpoint_files(tmp_path):
+    # each stage holds its own (here independent) model: a shared file name would mix the two stages
+    out = run_ranks(_model_parallel_resume, 2, args=(str(tmp_path), ["parallel.pipeline=2"]), timeout=300)
+    for full, resumed in out:
+        assert resumed["losses"] == full["losses"]
+        _assert_equal(resumed["params"], full["params"])
+    assert sorted(os.listdir(tmp_path / "split" / "checkpoints" / "global_step4")) == [
+        "heptapod_meta.json", "heptapod_rank00000.pt", "heptapod_rank00001.pt", "pp_stage00", "pp_stage01"]
+
+
 def test_tensor_parallel_shards_resume_exactly(tmp_path):
-    out = run_ranks(_tensor_parallel_resume, 2, args=(str(tmp_path),), timeout=300)
+    out = run_ranks(_model_parallel_resume, 2, args=(str(tmp_path), ["parallel.tensor=2"]), timeout=300)
     for full, resumed in out:
         assert resumed["losses"] == full["losses"]
         _assert_equal(resumed["params"], full["params"])
