@@ -10,7 +10,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import warnings
-from typing import Callable, Tuple
+from typing import Any, Callable, Tuple
 
 import torch
 from torch import nn
@@ -40,8 +40,7 @@ def init_deepspeed_distributed() -> None:
     deepspeed.init_distributed(dist_backend=info.backend, auto_mpi_discovery=False)
 
 
-def build_engine(cfg, model_builder: Callable[[], nn.Module], ds_config=None
-                 ) -> Tuple["deepspeed.DeepSpeedEngine", torch.optim.Optimizer, torch.optim.lr_scheduler.LambdaLR]:
+def build_engine(cfg, model_builder: Callable[[], nn.Module], ds_config=None) -> Tuple[Any, Any, Any]:
     """Return ``(engine, optimizer, scheduler)`` for ``cfg``; ``model_builder()`` makes the model.
 
     ``ds_config`` defaults to :func:`heptapod_ds.engine.ds_config.resolve(cfg)`. With ZeRO-3 the
@@ -54,14 +53,17 @@ def build_engine(cfg, model_builder: Callable[[], nn.Module], ds_config=None
     quiet_deepspeed()
     info = parallel_state.get_info()
     if not callable(model_builder):
-        raise TypeError(f"model_builder must be a callable returning an nn.Module, got {type(model_builder).__name__}.")
+        raise TypeError(f"model_builder must be a callable returning an nn.Module, "
+                        f"got {type(model_builder).__name__}.")
     ds = ds_config if ds_config is not None else ds_config_mod.resolve(cfg, data_parallel_size=info.dp_size)
     stage = ds["zero_optimization"]["stage"]
     if stage != cfg.parallel.zero_stage:
-        raise ValueError(f"ds_config has ZeRO stage {stage} but parallel.zero_stage={cfg.parallel.zero_stage}; "
+        raise ValueError(f"ds_config has ZeRO stage {stage} but parallel.zero_stage="
+                         f"{cfg.parallel.zero_stage}; "
                          f"resolve the DeepSpeed config from this training config.")
     if stage >= 2 and info.pp_size > 1:
-        raise ValueError(f"ZeRO stage {stage} with pipeline={info.pp_size}: DeepSpeed deadlocks; use zero_stage<=1.")
+        raise ValueError(f"ZeRO stage {stage} with pipeline={info.pp_size}: DeepSpeed deadlocks; "
+                         f"use zero_stage<=1.")
     init_deepspeed_distributed()
     mpu = parallel_state.mpu()
 
@@ -84,7 +86,8 @@ def build_engine(cfg, model_builder: Callable[[], nn.Module], ds_config=None
     optimizer = build_optimizer(model, cfg, offload=ds_config_mod.is_offload(ds))
     scheduler = build_scheduler(optimizer, cfg)
     engine, ds_optimizer, _, ds_scheduler = deepspeed.initialize(
-        model=model, optimizer=optimizer, lr_scheduler=scheduler, config=ds, mpu=mpu, dist_init_required=False)
+        model=model, optimizer=optimizer, lr_scheduler=scheduler, config=ds, mpu=mpu,
+        dist_init_required=False)
     log.info("DeepSpeed engine: ZeRO-%d, %s, micro batch %d x accum %d x dp %d", stage,
              "bf16" if ds["bf16"]["enabled"] else "fp32", ds["train_micro_batch_size_per_gpu"],
              ds["gradient_accumulation_steps"], info.dp_size)

@@ -161,8 +161,9 @@ class CheckpointManager:
             inside = self.complete_checkpoints(path / "checkpoints") or self.complete_checkpoints(path)
             if inside:
                 return inside[-1]
-        raise FileNotFoundError(f"checkpoint.resume='{mode}' is not a complete checkpoint (no {META}) and holds none; "
-                                f"pass a global_stepN directory, a checkpoints directory, auto or none.")
+        raise FileNotFoundError(f"checkpoint.resume='{mode}' is not a complete checkpoint (no {META}) and "
+                                f"holds none; pass a global_stepN directory, a checkpoints directory, auto "
+                                f"or none.")
 
     def _clean_stale(self) -> None:
         """Remove leftovers of an interrupted save or prune (rank 0 only)."""
@@ -174,7 +175,8 @@ class CheckpointManager:
 
     # ------------------------------------------------------------------ save
 
-    def save(self, engine, step: int, client_state: Optional[Dict[str, Any]] = None, ema=None) -> pathlib.Path:
+    def save(self, engine, step: int, client_state: Optional[Dict[str, Any]] = None,
+             ema=None) -> pathlib.Path:
         """Save a complete checkpoint of ``step`` atomically; collective over all ranks."""
         t0 = time.perf_counter()
         info = parallel_state.get_info()
@@ -186,8 +188,8 @@ class CheckpointManager:
                 shutil.rmtree(staging)
             staging.mkdir()
         _barrier()
-        engine.save_checkpoint(str(staging), tag=_engine_tag(tag, info), client_state={"heptapod_step": int(step)},
-                               save_latest=False)
+        engine.save_checkpoint(str(staging), tag=_engine_tag(tag, info),
+                               client_state={"heptapod_step": int(step)}, save_latest=False)
         own = {"rng": rng_state(), "client_state": client_state or {}, "ema": None, "rank": info.rank}
         if ema is not None and (ema.partitioned or info.dp_rank == 0):
             own["ema"] = ema.state_dict()
@@ -229,8 +231,10 @@ class CheckpointManager:
                  for k in IDENTITY_FIELDS if _get(saved_cfg, k) != _get(mine, k)]
         if diffs:
             raise CheckpointMismatch(
-                f"checkpoint {where} was made with another model and cannot be resumed:\n  - " + "\n  - ".join(diffs)
-                + f"\nUse a new run_dir, pass checkpoint.resume=none, or set these fields to the checkpoint's values.")
+                f"checkpoint {where} was made with another model and cannot be resumed:\n  - "
+                + "\n  - ".join(diffs)
+                + "\nUse a new run_dir, pass checkpoint.resume=none, or set these fields to the checkpoint's "
+                  "values.")
         layout = _layout(self.cfg)
         ldiffs = [f"{k}: checkpoint {meta['layout'].get(k)}, this run {layout[k]}"
                   for k in LAYOUT_FIELDS if meta["layout"].get(k) != layout[k]]
@@ -240,7 +244,7 @@ class CheckpointManager:
                 + "\nRelaunch with the checkpoint's layout, or convert it first (tools/convert_ckpt.py).")
 
     def load(self, engine, ema=None) -> Optional[Dict[str, Any]]:
-        """Resume per ``checkpoint.resume``; returns this rank's saved client_state, or None if nothing to resume.
+        """Resume per ``checkpoint.resume``; this rank's saved client_state, or None if there is nothing.
 
         Restores model, optimizer, LR scheduler (DeepSpeed), the EMA (if given) and every RNG state.
         """
@@ -255,8 +259,9 @@ class CheckpointManager:
         meta = json.loads((target / META).read_text())
         self.check_compatible(meta, target)
         if ema is not None and not meta.get("has_ema", False):
-            raise CheckpointMismatch(f"checkpoint {target} has no EMA but this run keeps one (train.ema_decay="
-                                     f"{self.cfg.train.ema_decay}); pass train.ema_decay=0 or start a new run_dir.")
+            raise CheckpointMismatch(f"checkpoint {target} has no EMA but this run keeps one "
+                                     f"(train.ema_decay={self.cfg.train.ema_decay}); pass train.ema_decay=0 or "
+                                     f"start a new run_dir.")
         load_path, _ = engine.load_checkpoint(str(target.parent), tag=_engine_tag(target.name, info),
                                               load_optimizer_states=True, load_lr_scheduler_states=True)
         if load_path is None:

@@ -93,16 +93,17 @@ def resolve(cfg, data_parallel_size: Optional[int] = None) -> Dict[str, Any]:
 
     if data_parallel_size is None:
         if par.world_size <= 0:
-            raise ConfigError("parallel.world_size is unknown; validate the config with the launch's world size "
-                              "(load_config(..., world_size=N)) before resolving the DeepSpeed config.")
+            raise ConfigError("parallel.world_size is unknown; validate the config with the launch's world "
+                              "size (load_config(..., world_size=N)) before resolving the DeepSpeed config.")
         data_parallel_size = par.world_size // par.model_parallel
     if tr.grad_accum <= 0:
         raise ConfigError("train.grad_accum is still 0 (auto); validate the config (load_config / validate) "
                           "before resolving the DeepSpeed config.")
     if tr.micro_batch_size * tr.grad_accum * data_parallel_size != tr.global_batch_size:
-        raise ConfigError(f"train.micro_batch_size x train.grad_accum x data-parallel size = {tr.micro_batch_size}"
-                          f" x {tr.grad_accum} x {data_parallel_size} != train.global_batch_size="
-                          f"{tr.global_batch_size}; set train.grad_accum=0 to derive it.")
+        raise ConfigError(f"train.micro_batch_size x train.grad_accum x data-parallel size = "
+                          f"{tr.micro_batch_size} x {tr.grad_accum} x {data_parallel_size} != "
+                          f"train.global_batch_size={tr.global_batch_size}; set train.grad_accum=0 to "
+                          f"derive it.")
 
     for section in ("optimizer", "scheduler"):
         if section in ds:
@@ -123,7 +124,8 @@ def resolve(cfg, data_parallel_size: Optional[int] = None) -> Dict[str, Any]:
     if stage == AUTO:
         zero["stage"] = par.zero_stage
     elif stage != par.zero_stage:
-        errors.append(f"{origin} sets zero_optimization.stage={stage} but parallel.zero_stage={par.zero_stage}. "
+        errors.append(f"{origin} sets zero_optimization.stage={stage} but parallel.zero_stage="
+                      f"{par.zero_stage}. "
                       f"Pass parallel.zero_stage={stage} (train.py --ds_config does this for you), or use "
                       f"ds_configs/zero{par.zero_stage}.json.")
 
@@ -135,7 +137,8 @@ def resolve(cfg, data_parallel_size: Optional[int] = None) -> Dict[str, Any]:
     elif bool(bf16["enabled"]) != want_bf16:
         errors.append(f"{origin} sets bf16.enabled={json.dumps(bf16['enabled'])} but parallel.precision="
                       f"{cfg.parallel.precision} resolves to {precision}. The training config wins: write "
-                      f"\"enabled\": \"auto\", or pass parallel.precision={'bf16' if bf16['enabled'] else 'fp32'}.")
+                      f"\"enabled\": \"auto\", or pass parallel.precision="
+                      f"{'bf16' if bf16['enabled'] else 'fp32'}.")
     fp16 = ds.get("fp16", {})
     if fp16.get("enabled", False) not in (False, AUTO):
         errors.append(f"{origin} enables fp16; heptapod_ds trains in bf16 (GPU) or fp32 (CPU). Remove the "
@@ -146,8 +149,10 @@ def resolve(cfg, data_parallel_size: Optional[int] = None) -> Dict[str, Any]:
     if offload and zero["stage"] == 0:
         errors.append(f"{origin} offloads to CPU but ZeRO stage is 0; offload needs parallel.zero_stage>=1 "
                       f"(parameters: 3). Use ds_configs/zero3_offload.json with parallel.zero_stage=3.")
-    if "offload_param" in zero and zero["stage"] != 3 and zero["offload_param"].get("device", "none") != "none":
-        errors.append(f"{origin} offloads parameters, which needs ZeRO stage 3, but the stage is {zero['stage']}.")
+    offload_param = zero.get("offload_param", {}).get("device", "none") not in ("none", None)
+    if offload_param and zero["stage"] != 3:
+        errors.append(f"{origin} offloads parameters, which needs ZeRO stage 3, but the stage is "
+                      f"{zero['stage']}.")
     if errors:
         raise ConfigError("DeepSpeed config does not match the training config:\n"
                           + "\n".join(f"  - {e}" for e in errors))

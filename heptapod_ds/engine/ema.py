@@ -56,7 +56,8 @@ class EMA:
 
     def __init__(self, engine, decay: float):
         if not 0.0 < decay < 1.0:
-            raise ValueError(f"EMA decay must be in (0, 1), got {decay}; train.ema_decay=0 means: build no EMA.")
+            raise ValueError(f"EMA decay must be in (0, 1), got {decay}; train.ema_decay=0 means: "
+                             f"build no EMA.")
         module: nn.Module = getattr(engine, "module", engine)
         self.decay = float(decay)
         self.num_updates = 0
@@ -65,7 +66,8 @@ class EMA:
             raise ValueError("EMA: the model has no trainable parameters.")
         self.partitioned = any(_is_zero3(p) for _, p in self._named)
         with torch.no_grad():
-            self.shadow: List[torch.Tensor] = [_local_data(p).detach().float().clone() for _, p in self._named]
+            self.shadow: List[torch.Tensor] = [_local_data(p).detach().float().clone()
+                                               for _, p in self._named]
 
     @property
     def names(self) -> List[str]:
@@ -90,12 +92,14 @@ class EMA:
             raise ValueError(f"EMA state does not match the model: missing {missing}, unexpected {extra}.")
         if bool(state["partitioned"]) != self.partitioned:
             raise ValueError(f"EMA state was saved {'with' if state['partitioned'] else 'without'} ZeRO-3 "
-                             f"partitioning but the model is {'' if self.partitioned else 'not '}partitioned; "
+                             f"partitioning but the model is {'' if self.partitioned else 'not '}"
+                             f"partitioned; "
                              f"convert the checkpoint (tools/convert_ckpt.py) to change the ZeRO layout.")
         for name, mine, saved in zip(self.names, self.shadow, state["shadow"]):
             if mine.shape != saved.shape:
-                raise ValueError(f"EMA state of '{name}' has shape {tuple(saved.shape)}, the model's local data "
-                                 f"{tuple(mine.shape)}: the checkpoint has another parallel layout or model shape.")
+                raise ValueError(f"EMA state of '{name}' has shape {tuple(saved.shape)}, the model's local "
+                                 f"data {tuple(mine.shape)}: the checkpoint has another parallel layout or "
+                                 f"model shape.")
             mine.copy_(saved)
         self.decay = float(state["decay"])
         self.num_updates = int(state["num_updates"])

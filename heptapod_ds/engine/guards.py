@@ -41,7 +41,8 @@ class PreemptionGuard:
 
     def __init__(self, signals: Sequence[int] = (signal.SIGTERM, signal.SIGUSR1)):
         if threading.current_thread() is not threading.main_thread():
-            raise RuntimeError("PreemptionGuard must be created in the main thread (Python delivers signals there).")
+            raise RuntimeError("PreemptionGuard must be created in the main thread (Python delivers signals "
+                               "there).")
         self.received: Optional[int] = None
         self._previous = {sig: signal.signal(sig, self._handle) for sig in signals}
 
@@ -106,9 +107,9 @@ class NonFiniteGuard:
 
     def error(self, step: int) -> NonFiniteLossError:
         return NonFiniteLossError(
-            f"{self.in_a_row} non-finite losses in a row at step {step} (train.max_nonfinite={self.max_in_a_row}; "
-            f"{self.total_skipped} skipped in total). The last good state was saved; lower optimizer.lr, check "
-            f"the data, or raise train.max_nonfinite.")
+            f"{self.in_a_row} non-finite losses in a row at step {step} (train.max_nonfinite="
+            f"{self.max_in_a_row}; {self.total_skipped} skipped in total). The last good state was saved; "
+            f"lower optimizer.lr, check the data, or raise train.max_nonfinite.")
 
     def state_dict(self) -> Dict[str, int]:
         return {"in_a_row": self.in_a_row, "total_skipped": self.total_skipped}

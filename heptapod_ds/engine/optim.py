@@ -8,7 +8,7 @@ Shapes are read from ``ds_shape`` when present: under ZeRO-3's ``zero.Init`` a p
 """
 from __future__ import annotations
 
-from typing import Dict, Iterable, List, Set, Tuple
+from typing import Dict, List, Set, Tuple
 
 import torch
 from torch import nn

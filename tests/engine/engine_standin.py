@@ -74,9 +74,7 @@ def run_training(overrides, until_step: int, signal_rank_at=None, kill_in_save_a
     """
     import os
     import signal
-    import time
 
-    import deepspeed
     from heptapod_ds.config import load_config
     from heptapod_ds.distributed import get_info, initialize
     from heptapod_ds.distributed.parallel_state import is_initialized

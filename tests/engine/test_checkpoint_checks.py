@@ -1,4 +1,4 @@
-"""A checkpoint of another model or layout is refused, naming every difference; discovery skips partial saves."""
+"""A checkpoint of another model or layout is refused, naming every difference; partial saves are skipped."""
 import pytest
 
 from heptapod_ds.config import load_config, to_dict

@@ -8,7 +8,8 @@ from heptapod_ds.engine import ds_config
 
 
 def _cfg(*overrides, world_size=2):
-    return load_config(overrides=["train.global_batch_size=16", "train.micro_batch_size=4", "train.grad_accum=0",
+    return load_config(overrides=["train.global_batch_size=16", "train.micro_batch_size=4",
+                                  "train.grad_accum=0",
                                   *overrides],
                        world_size=world_size)
 
@@ -22,7 +23,8 @@ def _write(tmp_path, data, name="ds.json"):
 @pytest.mark.parametrize("name", ["zero0", "zero1", "zero2", "zero3", "zero3_offload", "cpu"])
 def test_shipped_files_resolve(repo_root, name):
     stage = {"zero0": 0, "cpu": 0, "zero1": 1, "zero2": 2}.get(name, 3)
-    ds = ds_config.resolve(_cfg(f"parallel.zero_stage={stage}", f"parallel.ds_config={repo_root}/ds_configs/{name}.json"))
+    path = repo_root / "ds_configs" / f"{name}.json"
+    ds = ds_config.resolve(_cfg(f"parallel.zero_stage={stage}", f"parallel.ds_config={path}"))
     assert ds["train_batch_size"] == 16 and ds["train_micro_batch_size_per_gpu"] == 4
     assert ds["gradient_accumulation_steps"] == 2 and ds["gradient_clipping"] == 1.0
     assert ds["zero_optimization"]["stage"] == stage
@@ -35,7 +37,8 @@ def test_default_file_follows_zero_stage():
 
 
 def test_offload_on_cpu_uses_plain_memory(repo_root):
-    ds = ds_config.resolve(_cfg("parallel.zero_stage=3", f"parallel.ds_config={repo_root}/ds_configs/zero3_offload.json"))
+    path = repo_root / "ds_configs" / "zero3_offload.json"
+    ds = ds_config.resolve(_cfg("parallel.zero_stage=3", f"parallel.ds_config={path}"))
     assert ds["zero_optimization"]["offload_optimizer"] == {"device": "cpu", "pin_memory": False}
     assert ds_config.is_offload(ds) and ds["zero_force_ds_cpu_optimizer"] is False
 

@@ -103,7 +103,8 @@ def test_sigkill_while_saving_resumes_from_previous_checkpoint(tmp_path):
     assert sorted(os.listdir(ckpts)) == ["global_step4", "global_step6", "latest"]
 
 
-NONFINITE_CASES = {"0": ["parallel.zero_stage=0"], "2": ["parallel.zero_stage=2"], "3": ["parallel.zero_stage=3"],
+NONFINITE_CASES = {"0": ["parallel.zero_stage=0"], "2": ["parallel.zero_stage=2"],
+                   "3": ["parallel.zero_stage=3"],
                    "3-offload": ["parallel.zero_stage=3", f"parallel.ds_config={DS_DIR}/zero3_offload.json"]}
 
 

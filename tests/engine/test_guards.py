@@ -1,4 +1,4 @@
-"""Preemption flag and non-finite accounting (single process; the multi-rank paths run in test_engine_dist)."""
+"""Preemption flag and non-finite accounting in one process (multi-rank paths: test_engine_dist.py)."""
 import os
 import signal
 
