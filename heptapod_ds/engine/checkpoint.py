@@ -259,9 +259,9 @@ class CheckpointManager:
         meta = json.loads((target / META).read_text())
         self.check_compatible(meta, target)
         if ema is not None and not meta.get("has_ema", False):
-            raise CheckpointMismatch(f"checkpoint {target} has no EMA but this run keeps one "
-                                     f"(train.ema_decay={self.cfg.train.ema_decay}); pass train.ema_decay=0 or "
-                                     f"start a new run_dir.")
+            decay = self.cfg.train.ema_decay
+            raise CheckpointMismatch(f"checkpoint {target} has no EMA but this run keeps one (train.ema_decay="
+                                     f"{decay}); pass train.ema_decay=0 or start a new run_dir.")
         load_path, _ = engine.load_checkpoint(str(target.parent), tag=_engine_tag(target.name, info),
                                               load_optimizer_states=True, load_lr_scheduler_states=True)
         if load_path is None:
