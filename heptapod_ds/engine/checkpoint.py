@@ -261,7 +261,8 @@ class CheckpointManager:
         if ema is not None and not meta.get("has_ema", False):
             decay = self.cfg.train.ema_decay
             raise CheckpointMismatch(f"checkpoint {target} has no EMA but this run keeps one "
-                                     f"(train.ema_decay={decay}); pass train.ema_decay=0 or start a new run_dir.")
+                                     f"(train.ema_decay={decay}); pass train.ema_decay=0 or start a new "
+                                     f"run_dir.")
         load_path, _ = engine.load_checkpoint(str(target.parent), tag=_engine_tag(target.name, info),
                                               load_optimizer_states=True, load_lr_scheduler_states=True)
         if load_path is None:
