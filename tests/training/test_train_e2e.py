@@ -63,7 +63,7 @@ def _params(run_dir, step):
         return {k: v.float() for k, v in get_fp32_state_dict_from_zero_checkpoint(
             os.path.dirname(tag_dir), tag=f"global_step{step}").items()}
     sd = torch.load(os.path.join(tag_dir, "mp_rank_00_model_states.pt"), map_location="cpu", weights_only=False)
-    return {k: v.float() for k, v in sd["module"].items()}
+    return {k: v.float() for k, v in sd["module"].items() if torch.is_tensor(v)}
 
 
 def test_run_dir_artefacts_and_digits_scores(tmp_path):
