@@ -13,6 +13,7 @@ import torch
 from megatron.core.transformer.enums import AttnMaskType
 from torch import nn
 
+from .init import editable
 from .layers import build_stack, make_transformer_config
 from .positions import LearnedPosition2D, rope2d_freqs
 
@@ -30,8 +31,9 @@ class CausalBackbone(nn.Module):
             self.token_embed = nn.Embedding(tok.vocab_size, bb.width)
         else:
             self.token_embed = nn.Linear(tok.channels, bb.width)
-        for emb in (self.class_embed, self.token_embed):
-            nn.init.normal_(emb.weight, std=0.02)
+        with editable(self.class_embed, self.token_embed):
+            for emb in (self.class_embed, self.token_embed):
+                nn.init.normal_(emb.weight, std=0.02)
         self.use_rope = bb.pos_embed == "rope2d"
         if self.use_rope:
             freqs = rope2d_freqs(tok.grid_size, bb.width // bb.num_heads, bb.rope_theta)

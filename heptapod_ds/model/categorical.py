@@ -9,13 +9,16 @@ from typing import Optional
 import torch
 from torch import nn
 
+from .init import editable
+
 
 class CategoricalOutput(nn.Module):
     def __init__(self, cond_dim: int, vocab_size: int):
         super().__init__()
         self.proj = nn.Linear(cond_dim, vocab_size)
-        nn.init.normal_(self.proj.weight, std=0.02)
-        nn.init.zeros_(self.proj.bias)
+        with editable(self.proj):
+            nn.init.normal_(self.proj.weight, std=0.02)
+            nn.init.zeros_(self.proj.bias)
 
     def forward(self, z: torch.Tensor) -> torch.Tensor:
         return self.proj(z)

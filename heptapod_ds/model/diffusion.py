@@ -15,6 +15,8 @@ from typing import Optional, Sequence
 import torch
 from torch import nn
 
+from .init import editable
+
 
 def cosine_alphas_cumprod(steps: int, s: float = 0.008, max_beta: float = 0.999) -> torch.Tensor:
     """``alpha_bar`` of the cosine schedule (Nichol & Dhariwal), float64, length ``steps``."""
@@ -61,6 +63,10 @@ class DenoiserMLP(nn.Module):
         self._init_weights()
 
     def _init_weights(self) -> None:
+        with editable(self):
+            self._init_weights_full()
+
+    def _init_weights_full(self) -> None:
         for m in self.modules():
             if isinstance(m, nn.Linear):
                 nn.init.xavier_uniform_(m.weight)
