@@ -30,13 +30,31 @@ def _rank_env(rank: int, world_size: int, port: int) -> Dict[str, str]:
             "OMP_NUM_THREADS": "1", "DS_ACCELERATOR": "cpu", "HEPTAPOD_TESTING": "1"}
 
 
+def _pack(obj) -> bytes:
+    """Results travel as bytes: tensors put on a queue as-is are shared-memory handles that die with
+    the rank that made them."""
+    import io
+
+    import torch
+    buf = io.BytesIO()
+    torch.save(obj, buf)
+    return buf.getvalue()
+
+
+def _unpack(data: bytes):
+    import io
+
+    import torch
+    return torch.load(io.BytesIO(data), weights_only=False)
+
+
 def _worker(fn, rank, world_size, port, args, queue):
     os.environ.update(_rank_env(rank, world_size, port))
     try:
         import torch
         torch.set_num_threads(1)
         result = fn(rank, world_size, *args)
-        queue.put((rank, True, result))
+        queue.put((rank, True, _pack(result)))
     except BaseException:  # noqa: BLE001 - report everything to the parent
         queue.put((rank, False, traceback.format_exc()))
     finally:
@@ -98,7 +116,7 @@ def run_ranks(fn: Callable, world_size: int, args: Sequence[Any] = (), timeout: 
     if errors:
         msg = "\n".join(f"--- rank {r} ---\n{tb}" for r, tb in sorted(errors.items()))
         raise AssertionError(f"distributed test failed on ranks {sorted(errors)}:\n{msg}")
-    return [results[r] for r in range(world_size)]
+    return [_unpack(results[r]) for r in range(world_size)]
 
 
 def run_script(cmd: Sequence[str], world_size: int, timeout: float = 600, env: Optional[Dict[str, str]] = None,

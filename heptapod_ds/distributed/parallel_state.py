@@ -75,15 +75,15 @@ def initialize(tensor: int = 1, pipeline: int = 1, backend: str = "auto", seed: 
         device = torch.device("cpu")
 
     if not dist.is_initialized():
-        os.environ.setdefault("MASTER_ADDR", launch.master_addr)
-        os.environ.setdefault("MASTER_PORT", str(launch.master_port))
-        os.environ.setdefault("RANK", str(launch.rank))
-        os.environ.setdefault("WORLD_SIZE", str(launch.world_size))
-        os.environ.setdefault("LOCAL_RANK", str(launch.local_rank))
+        # DeepSpeed and megatron read these later; they must describe *this* world (a second world in
+        # the same process, or a child process, must not inherit a stale port).
+        os.environ.update(MASTER_ADDR=launch.master_addr, MASTER_PORT=str(launch.master_port),
+                          RANK=str(launch.rank), WORLD_SIZE=str(launch.world_size),
+                          LOCAL_RANK=str(launch.local_rank))
         log.info("init torch.distributed: backend=%s rank=%d/%d via %s (%s:%d)", backend, launch.rank,
                  launch.world_size, launch.launcher, launch.master_addr, launch.master_port)
         dist.init_process_group(backend=backend, rank=launch.rank, world_size=launch.world_size,
-                                init_method=f"tcp://{os.environ['MASTER_ADDR']}:{os.environ['MASTER_PORT']}",
+                                init_method=f"tcp://{launch.master_addr}:{launch.master_port}",
                                 timeout=datetime.timedelta(minutes=timeout_minutes))
         _OWNS_PROCESS_GROUP = True
 
