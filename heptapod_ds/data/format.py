@@ -22,6 +22,7 @@ import numpy as np
 
 from ..config.schema import TokenizerConfig
 from ..tokenizers.base import discrete_storage_dtype
+from .ffcv_compat import ensure_patched as ensure_ffcv_patched
 
 FORMAT_VERSION = 1
 LABEL, INDEX, SOURCE_INDEX = "label", "index", "source_index"
@@ -94,6 +95,7 @@ def read_summary(beton: str) -> Dict[str, Any]:
 
 def open_reader(beton: str):
     """An ffcv Reader, or a BetonError saying what is wrong with the file."""
+    ensure_ffcv_patched()
     from ffcv.reader import Reader
     from ffcv.types import HeaderType
 
@@ -121,6 +123,7 @@ def open_reader(beton: str):
 
 
 def field_layouts(reader) -> Dict[str, Tuple[Tuple[int, ...], np.dtype]]:
+    ensure_ffcv_patched()
     from ffcv.fields import NDArrayField
 
     return {name: (tuple(int(s) for s in h.shape), np.dtype(h.dtype)) for name, h in reader.handlers.items()

@@ -24,6 +24,7 @@ from ..config.schema import HeptapodConfig
 from ..tokenizers.base import codes_to_tokens, moments_to_tokens
 from .format import INDEX, LABEL, SOURCE_INDEX, open_reader, view_fields
 from .order import flip_choices, global_batches_per_epoch, posterior_noise, rank_epoch_indices
+from .ffcv_compat import ensure_patched as ensure_ffcv_patched
 
 log = logging.getLogger(__name__)
 
@@ -105,6 +106,7 @@ class TrainLoader:
         Finished iterations return their loader to ``_IDLE_FFCV`` so that a trainer that builds a new
         TrainLoader per epoch does not recompile FFCV's pipeline every epoch.
         """
+        ensure_ffcv_patched()
         from ffcv.loader import Loader, OrderOption
 
         idle = _IDLE_FFCV.get(self._pool_key(), [])

@@ -22,7 +22,7 @@ import os
 import shutil
 import time
 from dataclasses import dataclass
-from typing import Any, Callable, Dict, List, Optional
+from typing import Any, Dict, List, Optional
 
 import numpy as np
 import torch
@@ -33,6 +33,7 @@ from .format import (FORMAT_VERSION, INDEX, LABEL, SOURCE_INDEX, BetonError, fie
                      sha256_file, summary_path, tokenizer_record, view_fields, write_summary)
 from .locking import OutputLock
 from .sources import ImageDecodeError
+from .ffcv_compat import ensure_patched as ensure_ffcv_patched
 
 log = logging.getLogger(__name__)
 
@@ -264,6 +265,7 @@ class _ShardRows:
 
 
 def _merge(source, tok_cfg: TokenizerConfig, tokenizer: Tokenizer, output: str, opts: PretokenizeOptions):
+    ensure_ffcv_patched()
     from ffcv.fields import IntField, NDArrayField
     from ffcv.writer import DatasetWriter
 
