@@ -27,19 +27,6 @@ def _hints(cls) -> Dict[str, Any]:
     return typing.get_type_hints(cls)
 
 
-def all_keys(cls=HeptapodConfig, prefix: str = "") -> List[str]:
-    """Every dotted leaf key of the config, e.g. ``backbone.width``."""
-    keys = []
-    hints = _hints(cls)
-    for f in dataclasses.fields(cls):
-        t = hints[f.name]
-        if dataclasses.is_dataclass(t):
-            keys.extend(all_keys(t, prefix + f.name + "."))
-        else:
-            keys.append(prefix + f.name)
-    return keys
-
-
 def field_help(cls=HeptapodConfig, prefix: str = "") -> List[Tuple[str, str, Any]]:
     """(dotted key, help line, default) for every leaf field, for ``--help-config``."""
     rows = []
@@ -52,6 +39,11 @@ def field_help(cls=HeptapodConfig, prefix: str = "") -> List[Tuple[str, str, Any
             default = f.default if f.default is not dataclasses.MISSING else None
             rows.append((prefix + f.name, f.metadata.get("help", ""), default))
     return rows
+
+
+def all_keys(cls=HeptapodConfig) -> List[str]:
+    """Every dotted leaf key of the config, e.g. ``backbone.width``."""
+    return [key for key, _, _ in field_help(cls)]
 
 
 def _suggest(key: str, candidates: Iterable[str]) -> str:
