@@ -143,6 +143,7 @@ def train_step(engine, micro_batches: Sequence, loss_fn: Callable, nonfinite: No
     lr = float(engine.get_lr()[0])
     counters = (engine.micro_steps, engine.global_samples)
     total = torch.zeros((), dtype=torch.float64)
+    pre_step_norm = None
     for i, mb in enumerate(micro_batches):
         loss = loss_fn(engine, mb)
         if not nonfinite.agree_finite(loss):
@@ -151,6 +152,8 @@ def train_step(engine, micro_batches: Sequence, loss_fn: Callable, nonfinite: No
             nonfinite.record(False)
             return StepResult(loss=math.nan, skipped=True, lr=lr, grad_norm=None)
         engine.backward(loss)
+        if i == gas - 1 and engine.zero_optimization_stage() == 0:
+            pre_step_norm = _zero0_grad_norm(engine)
         engine.step()
         total += loss.detach().double().cpu()
     nonfinite.record(True)
@@ -166,8 +169,18 @@ def train_step(engine, micro_batches: Sequence, loss_fn: Callable, nonfinite: No
         dist.all_reduce(t, group=group)
         mean = t.cpu().double() / dist.get_world_size(group)
     norm = engine.get_global_grad_norm()
+    if norm is None and engine.zero_optimization_stage() == 0:
+        norm = pre_step_norm  # DeepSpeed's ZeRO-0 path computes the norm to clip but discards it
     return StepResult(loss=float(mean), skipped=False, lr=lr,
                       grad_norm=float(norm) if norm is not None else None)
+
+
+def _zero0_grad_norm(engine) -> float:
+    """Global gradient norm of the averaged gradients, TP-replicated parameters counted once."""
+    from deepspeed.runtime.utils import clip_grad_norm_
+
+    params = [p for p in engine.module.parameters() if p.grad is not None]
+    return float(clip_grad_norm_(params, max_norm=float("inf"), mpu=engine.mpu))
 
 
 def _discard_gradients(engine, counters) -> None:

@@ -73,6 +73,10 @@ def test_run_dir_artefacts_and_digits_scores(tmp_path):
     assert yaml.safe_load((run / "config.yaml").read_text())["train"]["steps"] == 6
     losses = _losses(run)
     assert sorted(losses) == list(range(1, 7)) and all(v == v for v in losses.values())
+    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    logged = [r for r in rows if "loss" in r]
+    assert all(isinstance(r["grad_norm"], float) and r["grad_norm"] > 0 for r in logged)
+    assert all(r["images_per_s"] > 0 and r["tokens_per_s"] == 64 * r["images_per_s"] for r in logged)
     summary = json.loads((run / "summary.json").read_text())
     assert 0.0 <= summary["class_consistency"] <= 1.0 and summary["frechet_distance"] > 0
     assert (run / "samples.png").stat().st_size > 0
