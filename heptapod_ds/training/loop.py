@@ -14,7 +14,7 @@ from typing import Dict, Optional
 
 import torch
 
-from heptapod_ds.config import HeptapodConfig, to_yaml
+from heptapod_ds.config import HeptapodConfig, to_dict, to_yaml
 from heptapod_ds.distributed import parallel_state
 from heptapod_ds.monitor import MetricsSink, get_logger
 
@@ -45,15 +45,13 @@ class Trainer:
         from heptapod_ds.model.flops import train_flops_per_image
 
         cfg = self.cfg
-        if self.info.pp_size > 1:
-            raise NotImplementedError("parallel.pipeline > 1: the Heptapod model has no pipeline-stage split yet; "
-                                      "train with parallel.pipeline=1 (TP and ZeRO-1/2/3 are supported).")
         os.makedirs(cfg.run_dir, exist_ok=True)
-        if parallel_state.is_rank0():
+        if parallel_state.is_rank0():  # rank 0 builds the digits beton once; the other ranks then reuse it
             _atomic_write(os.path.join(cfg.run_dir, "config.yaml"), to_yaml(cfg))
-            ensure_dataset(cfg)  # builds the digits beton once; the other ranks then reuse it
+            self.data_path = ensure_dataset(cfg)
         parallel_state.barrier()
-        self.data_path = ensure_dataset(cfg)
+        if not parallel_state.is_rank0():
+            self.data_path = ensure_dataset(cfg)
 
         self.engine, self.optimizer, self.scheduler = build_engine(cfg, lambda: build_model(cfg))
         self.model = self.engine.module
@@ -79,7 +77,7 @@ class Trainer:
         self.metrics = MetricsSink(os.path.join(cfg.run_dir, "metrics.jsonl"), enabled=parallel_state.is_rank0(),
                                    wandb_mode=cfg.logging.wandb_mode, wandb_project=cfg.logging.wandb_project,
                                    run_name=os.path.basename(os.path.abspath(cfg.run_dir)),
-                                   config=json.loads(json.dumps(_to_dict(cfg))), resume_step=self.step)
+                                   config=to_dict(cfg), resume_step=self.step)
         n_params = sum(p.numel() for p in self.model.parameters())
         log.info("model: preset=%s head=%s tokens=%s params on this rank=%.2fM, %.3g train GFLOPs/image; "
                  "world=%d (tp=%d dp=%d) zero=%d grad_accum=%d", cfg.preset, cfg.head.type, cfg.token_type,
@@ -177,8 +175,3 @@ class Trainer:
         from .evaluate import sample_and_score
 
         return sample_and_score(self, final=final)
-
-
-def _to_dict(cfg):
-    from heptapod_ds.config import to_dict
-    return to_dict(cfg)

@@ -31,3 +31,11 @@ def test_conflicting_stage_and_bad_config_exit_2():
     assert r.returncode == 2 and "ZeRO-2/3 with pipeline parallelism" in r.stderr
     r = _run("--ds_config", "missing.json")
     assert r.returncode == 2 and "missing.json" in r.stderr
+
+
+def test_pipeline_parallel_refused_before_startup():
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE")}
+    env["WORLD_SIZE"] = "2"  # a valid PP=2 layout; refused by the trainer before any process group exists
+    r = subprocess.run([sys.executable, TRAIN, "parallel.pipeline=2", "parallel.zero_stage=1"], capture_output=True,
+                       text=True, timeout=120, env=env)
+    assert r.returncode == 2 and "no pipeline-stage split yet" in r.stderr
