@@ -26,7 +26,6 @@ class BatchStream:
         from heptapod_ds.data import build_train_loader
 
         self.loader = build_train_loader(cfg, dp_rank, dp_size, start_epoch=epoch, start_step=micro_step)
-        self.steps_per_epoch = self.loader.steps_per_epoch
         self.epoch = epoch
         self.micro_step = micro_step
         self._it: Optional[Iterator] = None

@@ -48,12 +48,12 @@ class Trainer:
         os.makedirs(cfg.run_dir, exist_ok=True)
         if parallel_state.is_rank0():  # rank 0 builds the digits beton once; the other ranks then reuse it
             _atomic_write(os.path.join(cfg.run_dir, "config.yaml"), to_yaml(cfg))
-            self.data_path = ensure_dataset(cfg)
+            ensure_dataset(cfg)
         parallel_state.barrier()
         if not parallel_state.is_rank0():
-            self.data_path = ensure_dataset(cfg)
+            ensure_dataset(cfg)
 
-        self.engine, self.optimizer, self.scheduler = build_engine(cfg, lambda: build_model(cfg))
+        self.engine, _optimizer, _scheduler = build_engine(cfg, lambda: build_model(cfg))
         self.model = self.engine.module
         self.ema = EMA(self.engine, cfg.train.ema_decay) if cfg.train.ema_decay > 0 else None
         self.ckpt = CheckpointManager(cfg)
