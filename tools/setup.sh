@@ -7,7 +7,7 @@ cd "$repo"
 venv="$repo/.venv"
 stamp="$venv/.heptapod_setup_stamp"
 # The stamp covers every file that decides what gets installed.
-want="$(cat tools/setup.sh setup.cfg pyproject.toml | sha256sum | cut -d' ' -f1)"
+want="$(cat tools/setup.sh tools/apt_ensure.sh setup.cfg pyproject.toml | sha256sum | cut -d' ' -f1)"
 if [[ -f "$stamp" && "$(cat "$stamp")" == "$want" && -x "$venv/bin/python" ]]; then
   exit 0
 fi
@@ -15,18 +15,7 @@ fi
 log() { echo "[setup] $*" >&2; }
 
 # 1. Debian packages: FFCV compiles against libturbojpeg and OpenCV; DeepSpeed's CPU ops need g++/ninja.
-deb_pkgs=(pkg-config libturbojpeg0-dev libopencv-dev g++ ninja-build)
-missing=()
-for p in "${deb_pkgs[@]}"; do
-  dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
-done
-if ((${#missing[@]})); then
-  sudo_cmd=""
-  if [[ $(id -u) -ne 0 ]]; then sudo_cmd="sudo"; fi
-  log "installing Debian packages: ${missing[*]}"
-  $sudo_cmd apt-get update -qq
-  DEBIAN_FRONTEND=noninteractive $sudo_cmd apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
-fi
+bash "$repo/tools/apt_ensure.sh" pkg-config libturbojpeg0-dev libopencv-dev g++ ninja-build
 
 # 2. The virtualenv.
 if [[ ! -x "$venv/bin/python" ]]; then

@@ -4,6 +4,8 @@
 set -euo pipefail
 repo="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 bash "$repo/tools/setup.sh"
+# Test-only Debian packages: a real one-node Slurm (the templates' test) and shellcheck.
+bash "$repo/tools/apt_ensure.sh" slurm-wlm munge shellcheck
 cd "$repo"
 export DS_ACCELERATOR=cpu WANDB_MODE=disabled PYTHONUNBUFFERED=1
 export TORCH_EXTENSIONS_DIR="${TORCH_EXTENSIONS_DIR:-$repo/.cache/torch_extensions}"
