@@ -127,16 +127,28 @@ class DiffusionLoss(nn.Module):
 
     @torch.no_grad()
     def sample(self, z: torch.Tensor, num_steps: int, temperature: float,
-               generator: Optional[torch.Generator]) -> torch.Tensor:
-        """Draw one token per row of ``z`` [B, D] with DDPM over ``num_steps`` respaced levels."""
+               generators: Sequence[torch.Generator]) -> torch.Tensor:
+        """Draw one token per row of ``z`` [B, D] with DDPM over ``num_steps`` respaced levels.
+
+        All noise of row i (start and every step) comes from ``generators[i]``, so a row's draw does
+        not depend on its batch-mates.
+        """
         if not 1 <= num_steps <= self.train_steps:
             raise ValueError(f"num_steps={num_steps} must be in [1, {self.train_steps}] "
                              f"(diffusion.train_steps).")
+        if len(generators) != z.shape[0]:
+            raise ValueError(f"need one generator per row: {len(generators)} generators for {z.shape[0]} rows.")
         levels = torch.linspace(0, self.train_steps - 1, num_steps, dtype=torch.float64).round().long()
         abar = self.alphas_cumprod[levels]
         abar_prev = torch.cat([torch.ones(1, dtype=abar.dtype, device=abar.device), abar[:-1]])
         betas = 1 - abar / abar_prev
-        x = torch.randn(z.shape[0], self.channels, generator=generator).to(device=z.device, dtype=z.dtype)
+
+        def noise() -> torch.Tensor:
+            rows = [torch.randn(self.channels, generator=g) for g in generators]
+            out = torch.stack(rows) if rows else torch.zeros(0, self.channels)
+            return out.to(device=z.device, dtype=z.dtype)
+
+        x = noise()
         for i in reversed(range(num_steps)):
             t = torch.full((z.shape[0],), int(levels[i]), dtype=torch.long, device=z.device)
             eps = self.net(x, t, z)
@@ -144,8 +156,7 @@ class DiffusionLoss(nn.Module):
             x0 = (x - math.sqrt(1 - a) * eps) / math.sqrt(a)
             mean = (b * math.sqrt(ap) / (1 - a)) * x0 + ((1 - ap) * math.sqrt(1 - b) / (1 - a)) * x
             if i > 0:
-                noise = torch.randn(x.shape, generator=generator).to(device=x.device, dtype=x.dtype)
-                x = mean + math.sqrt(b * (1 - ap) / (1 - a)) * temperature * noise
+                x = mean + math.sqrt(b * (1 - ap) / (1 - a)) * temperature * noise()
             else:
                 x = mean
         return x

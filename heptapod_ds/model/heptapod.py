@@ -17,6 +17,8 @@ import torch
 from torch import nn
 
 from .backbone import CausalBackbone
+from heptapod_ds.sampling.seeds import generators
+
 from .categorical import CategoricalOutput, sample_logits
 from .diffusion import DiffusionLoss
 from .heads import GridHead
@@ -119,10 +121,14 @@ class HeptapodModel(nn.Module):
     # ------------------------------------------------------------------ sampling
 
     @torch.no_grad()
-    def generate(self, labels: torch.Tensor, seed: int = 0, temperature: Optional[float] = None,
+    def generate(self, labels: torch.Tensor, seeds: torch.Tensor, temperature: Optional[float] = None,
                  top_k: Optional[int] = None, num_steps: Optional[int] = None,
                  use_kv_cache: bool = True) -> torch.Tensor:
-        """Sample ``len(labels)`` images in raster order, one token per step; reproducible for ``seed``.
+        """Sample ``len(labels)`` images in raster order, one token per step.
+
+        ``seeds`` (long [B]) holds one seed per image: all randomness of image i comes from a generator
+        seeded with ``seeds[i]``, so an image does not depend on its batch-mates, the batch size or the
+        KV cache (take the seeds from ``heptapod_ds.sampling.image_seeds``).
 
         Continuous tokens come from the DDPM sampler (``num_steps`` / ``temperature`` default to
         cfg.diffusion), discrete ones from softmax(logits / temperature) with an optional top-k filter
@@ -131,6 +137,9 @@ class HeptapodModel(nn.Module):
         """
         batch = labels.shape[0]
         _check_labels(labels, batch, self.num_classes)
+        gens = generators(seeds)
+        if len(gens) != batch:
+            raise ValueError(f"seeds must hold one seed per image: {len(gens)} seeds for {batch} labels.")
         device = labels.device
         if self.discrete:
             temperature = self.cfg.sampling.temperature if temperature is None else temperature
@@ -138,7 +147,6 @@ class HeptapodModel(nn.Module):
         else:
             temperature = self.cfg.diffusion.temperature if temperature is None else temperature
             num_steps = self.cfg.diffusion.sample_steps if num_steps is None else num_steps
-        gen = torch.Generator().manual_seed(int(seed))
         n = self.num_tokens
         shape = (batch, n) if self.discrete else (batch, n, self.channels)
         tokens = torch.zeros(shape, dtype=torch.long if self.discrete else torch.float32, device=device)
@@ -159,9 +167,9 @@ class HeptapodModel(nn.Module):
                     steps = torch.full((batch, 1), t, dtype=torch.long, device=device)
                     z = self.head(o, steps)[:, 0, t + 1]
                 if self.discrete:
-                    tokens[:, t] = sample_logits(self.output(z), temperature, top_k, gen)
+                    tokens[:, t] = sample_logits(self.output(z), temperature, top_k, gens)
                 else:
-                    tokens[:, t] = self.output.sample(z, num_steps, temperature, gen).to(tokens.dtype)
+                    tokens[:, t] = self.output.sample(z, num_steps, temperature, gens).to(tokens.dtype)
         finally:
             self.train(was_training)
         return tokens

@@ -2,8 +2,9 @@
 embedded digits data, class-consistency and Fréchet distance from :class:`DigitsJudge`.
 
 All ranks sample (ZeRO-3 gathers parameters collectively): each data-parallel rank draws an equal
-share of the labels with its own seed, tensor-parallel peers draw identical samples, and the
-images are gathered to rank 0.
+share of the labels, tensor-parallel peers draw identical samples, and the images are gathered to
+rank 0. Image i is seeded by ``image_seeds(sampling.seed, i)``, so the images do not depend on the
+number of data-parallel ranks or on the batch size.
 """
 from __future__ import annotations
 
@@ -17,6 +18,7 @@ import torch.distributed as dist
 
 from heptapod_ds.distributed import parallel_state
 from heptapod_ds.monitor import get_logger
+from heptapod_ds.sampling import image_seeds
 
 log = get_logger(__name__)
 
@@ -41,15 +43,17 @@ def _generate(trainer, labels: torch.Tensor) -> torch.Tensor:
     n = labels.numel()
     per_rank = -(-n // info.dp_size)
     padded = torch.cat([labels, labels[: per_rank * info.dp_size - n]]) if per_rank * info.dp_size > n else labels
-    mine = padded[info.dp_rank * per_rank:(info.dp_rank + 1) * per_rank].to(trainer.device)
+    start = info.dp_rank * per_rank
+    mine = padded[start:start + per_rank].to(trainer.device)
+    seeds = image_seeds(cfg.sampling.seed, range(start, start + per_rank))
     swap = trainer.ema.swap(trainer.engine) if (trainer.ema is not None and cfg.sampling.use_ema) \
         else contextlib.nullcontext()
     chunks = []
     trainer.engine.eval()
     with swap, torch.no_grad():
         for i in range(0, per_rank, cfg.sampling.batch_size):
-            chunks.append(trainer.model.generate(mine[i:i + cfg.sampling.batch_size],
-                                                 seed=cfg.sampling.seed + 1000 * info.dp_rank + i))
+            j = i + cfg.sampling.batch_size
+            chunks.append(trainer.model.generate(mine[i:j], seeds[i:j]))
     trainer.engine.train()
     tokens = _gather_dp(torch.cat(chunks))[:n]
     tok = build_tokenizer(cfg.tokenizer)
