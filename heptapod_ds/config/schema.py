@@ -58,6 +58,10 @@ class BackboneConfig:
     class_dropout: float = F(0.0, "Probability of replacing the label by 'no class' (off: no CFG).")
     transformer_impl: str = F("auto", "Layer implementation: auto (TransformerEngine when installed on GPU), "
                               "local or transformer_engine.")
+    attention: str = F("auto", "Core attention of backbone and head layers: auto (te inside TransformerEngine "
+                       "layers, else sdpa), sdpa (torch scaled_dot_product_attention: flash attention on a GPU), "
+                       "megatron (megatron-core's unfused DotProductAttention) or te (TransformerEngine's fused "
+                       "attention; needs transformer_impl=transformer_engine).")
     norm_eps: float = F(1e-6, "LayerNorm epsilon.")
 
 
@@ -209,6 +213,7 @@ CHOICES = {
     "tokenizer.name": ("kl16", "vq16", "patch", "pixel"),
     "backbone.pos_embed": ("rope2d", "learned"),
     "backbone.transformer_impl": ("auto", "local", "transformer_engine"),
+    "backbone.attention": ("auto", "sdpa", "megatron", "te"),
     "head.type": ("global", "local", "next"),
     "schedule.decay": ("cosine", "constant"),
     "parallel.backend": ("auto", "nccl", "gloo"),

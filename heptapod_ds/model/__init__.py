@@ -20,7 +20,7 @@ def build_model(cfg, device=None) -> HeptapodModel:
         raise ValueError(f"cfg.parallel.tensor={cfg.parallel.tensor} but the parallel state was initialized "
                          f"with tensor={info.tp_size}; pass the same size to "
                          f"heptapod_ds.distributed.initialize().")
-    impl = resolve_impl(cfg.backbone.transformer_impl)
+    impl = resolve_impl(cfg.backbone.transformer_impl, cfg.backbone.attention)
     model = HeptapodModel(cfg, impl=impl, tensor_parallel=info.tp_size)
     model = model.to(device or info.device)
     if info.tp_size > 1:

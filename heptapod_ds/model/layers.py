@@ -2,7 +2,8 @@
 
 One place decides how a stack of Heptapod layers is built: the ``TransformerConfig`` (pre-norm
 LayerNorm, GELU MLP with biases, CPU initialization without CUDA) and the layer spec (megatron's
-local spec on CPU, the TransformerEngine spec when ``transformer_engine`` imports and CUDA is up).
+local spec on CPU, the TransformerEngine spec when ``transformer_engine`` imports and CUDA is up),
+with the core attention of ``backbone.attention`` (sdpa / megatron / te) swapped into the spec.
 
 Tensor parallelism: QKV and FC1 are column-parallel, the attention output projection and FC2 are
 row-parallel (``tensor_model_parallel=True`` on their weights); LayerNorms are replicated.
@@ -12,11 +13,14 @@ from __future__ import annotations
 import copy
 import importlib
 import functools
+from dataclasses import dataclass
 
 import torch
 from megatron.core.transformer.enums import AttnMaskType
 from megatron.core.transformer.transformer_block import TransformerBlock
 from megatron.core.transformer.transformer_config import TransformerConfig
+
+from .attention import ATTENTIONS, core_attention_class
 
 TRANSFORMER_IMPLS = ("auto", "local", "transformer_engine")
 
@@ -33,16 +37,52 @@ def transformer_engine_available() -> bool:
     return True
 
 
-def resolve_impl(requested: str) -> str:
+@dataclass(frozen=True)
+class LayerImpl:
+    """A resolved layer implementation: the megatron spec (local / transformer_engine) and its core attention."""
+    transformer: str
+    attention: str
+
+    def __str__(self) -> str:
+        return f"{self.transformer}+{self.attention}"
+
+
+def resolve_attention(requested: str, transformer: str) -> str:
+    """``auto`` -> TransformerEngine's fused attention inside the TE spec, else SDPA (the fastest measured
+    on CPU, and flash attention on a GPU without TE)."""
+    if requested not in ATTENTIONS:
+        raise ValueError(f"backbone.attention='{requested}' is not one of {', '.join(ATTENTIONS)}.")
+    if requested == "auto":
+        return "te" if transformer == "transformer_engine" else "sdpa"
+    if requested == "te" and transformer != "transformer_engine":
+        raise RuntimeError("backbone.attention=te needs TransformerEngine layers (transformer_engine installed, "
+                           "a CUDA device, backbone.transformer_impl=auto or transformer_engine); use "
+                           "attention=sdpa (or megatron) here.")
+    return requested
+
+
+def resolve_impl(requested: str, attention: str = "auto") -> LayerImpl:
+    """Resolve ``backbone.transformer_impl`` and ``backbone.attention`` for this machine."""
     if requested not in TRANSFORMER_IMPLS:
         raise ValueError(f"backbone.transformer_impl='{requested}' is not one of "
                          f"{', '.join(TRANSFORMER_IMPLS)}.")
     if requested == "auto":
-        return "transformer_engine" if transformer_engine_available() else "local"
-    if requested == "transformer_engine" and not transformer_engine_available():
+        transformer = "transformer_engine" if transformer_engine_available() else "local"
+    elif requested == "transformer_engine" and not transformer_engine_available():
         raise RuntimeError("backbone.transformer_impl=transformer_engine needs the transformer_engine "
                            "package and a CUDA device; use transformer_impl=local (or auto) on this machine.")
-    return requested
+    else:
+        transformer = requested
+    return LayerImpl(transformer, resolve_attention(attention, transformer))
+
+
+def _as_impl(impl) -> LayerImpl:
+    """Accept a resolved :class:`LayerImpl` or a bare spec name (attention: megatron's own for that spec)."""
+    if isinstance(impl, LayerImpl):
+        return impl
+    if impl not in ("local", "transformer_engine"):
+        raise ValueError(f"unresolved transformer implementation '{impl}'; call resolve_impl() first.")
+    return LayerImpl(impl, "te" if impl == "transformer_engine" else "megatron")
 
 
 def make_transformer_config(*, depth: int, width: int, num_heads: int, mlp_ratio: float, dropout: float,
@@ -64,23 +104,31 @@ def make_transformer_config(*, depth: int, width: int, num_heads: int, mlp_ratio
     )
 
 
-def layer_spec(impl: str, mask_type: AttnMaskType):
-    """Megatron layer spec for ``impl`` (local / transformer_engine), self-attention of ``mask_type``."""
+def layer_spec(impl, mask_type: AttnMaskType):
+    """Megatron layer spec for ``impl`` (a :class:`LayerImpl` or a spec name), self-attention of ``mask_type``.
+
+    Only the spec's core-attention entry changes with ``impl.attention``: it owns no parameters, so the
+    model's structure and parameter names are the same for every attention.
+    """
     from megatron.core.models.gpt import gpt_layer_specs
 
-    if impl == "transformer_engine":
+    impl = _as_impl(impl)
+    if impl.transformer == "transformer_engine":
         spec = gpt_layer_specs.get_gpt_layer_with_transformer_engine_spec()
-    elif impl == "local":
+    elif impl.transformer == "local":
         spec = gpt_layer_specs.get_gpt_layer_local_spec()
     else:
         raise ValueError(f"unresolved transformer implementation '{impl}'; call resolve_impl() first.")
     spec = copy.deepcopy(spec)
-    spec.submodules.self_attention.params = dict(spec.submodules.self_attention.params or {},
-                                                 attn_mask_type=mask_type)
+    attn = spec.submodules.self_attention
+    attn.params = dict(attn.params or {}, attn_mask_type=mask_type)
+    core = core_attention_class(impl.attention, impl.transformer)
+    if core is not None:
+        attn.submodules.core_attention = core
     return spec
 
 
-def build_stack(config: TransformerConfig, impl: str, mask_type: AttnMaskType,
+def build_stack(config: TransformerConfig, impl, mask_type: AttnMaskType,
                 pre_process: bool = True, post_process: bool = True) -> TransformerBlock:
     """A TransformerBlock (with its final LayerNorm when ``post_process``) of ``config.num_layers`` layers."""
     return TransformerBlock(config=config, spec=layer_spec(impl, mask_type), post_layer_norm=post_process,

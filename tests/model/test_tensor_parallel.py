@@ -1,4 +1,6 @@
-"""TP=2 on 2 gloo ranks gives the loss and the (gathered) gradients of TP=1, for every head and token type."""
+"""TP=2 on 2 gloo ranks gives the loss and the (gathered) gradients of TP=1, for every head and token type.
+
+The TP=1 reference uses megatron's unfused core attention; TP=2 runs it and SDPA (backbone.attention)."""
 import io
 
 import pytest
@@ -20,6 +22,7 @@ def _from_bytes(data: bytes):
 
 
 CASES = [(kind, head) for kind in TOKEN_KINDS for head in HEAD_TYPES]
+ATTENTIONS = ("megatron", "sdpa")
 
 
 def _batch(kind, cfg):
@@ -36,15 +39,16 @@ def _tp2_body(rank, world_size, states_path):
     info = parallel_state.initialize(tensor=2, pipeline=1, seed=0)
     results = {}
     for (kind, head), full_sd in zip(CASES, full_states):
-        cfg = tiny_cfg(kind, head, tensor=2, world_size=2)
-        model = build_model(cfg)
-        model.load_state_dict(split_full_state_dict(full_sd, model, info.tp_rank, info.tp_size))
-        regathered = gather_full_state_dict(model)
-        assert all(torch.equal(regathered[k], full_sd[k]) for k in full_sd), "split/gather round trip"
-        tokens, labels, seeds = _batch(kind, cfg)
-        loss, _ = model(tokens, labels, sample_seeds=seeds)
-        loss.backward()
-        results[(kind, head)] = (float(loss.detach()), gather_full_grads(model))
+        for attention in ATTENTIONS:
+            cfg = tiny_cfg(kind, head, tensor=2, world_size=2, **{"backbone.attention": attention})
+            model = build_model(cfg)
+            model.load_state_dict(split_full_state_dict(full_sd, model, info.tp_rank, info.tp_size))
+            regathered = gather_full_state_dict(model)
+            assert all(torch.equal(regathered[k], full_sd[k]) for k in full_sd), "split/gather round trip"
+            tokens, labels, seeds = _batch(kind, cfg)
+            loss, _ = model(tokens, labels, sample_seeds=seeds)
+            loss.backward()
+            results[(kind, head, attention)] = (float(loss.detach()), gather_full_grads(model))
     return _to_bytes(results)
 
 
@@ -57,7 +61,7 @@ def _tp1_body(rank, world_size, states_path):
     full_states, reference = [], {}
     for kind, head in CASES:
         torch.manual_seed(0)
-        cfg = tiny_cfg(kind, head)
+        cfg = tiny_cfg(kind, head, **{"backbone.attention": "megatron"})
         model = build_model(cfg)
         randomize_zero_params(model)
         full_states.append(gather_full_state_dict(model))
@@ -77,8 +81,9 @@ def test_tp2_matches_tp1(tmp_path):
     states_path = str(tmp_path / "tp1_states.pt")
     reference = _from_bytes(run_ranks(_tp1_body, world_size=1, args=(states_path,), timeout=120)[0])
     per_rank = [_from_bytes(r) for r in run_ranks(_tp2_body, world_size=2, args=(states_path,), timeout=180)]
-    for case, (ref_loss, ref_grads) in reference.items():
-        for rank_results in per_rank:
+    for (kind, head), (ref_loss, ref_grads) in reference.items():
+        for rank_results, attention in ((r, a) for r in per_rank for a in ATTENTIONS):
+            case = (kind, head, attention)
             loss, grads = rank_results[case]
             assert loss == pytest.approx(ref_loss, rel=1e-5), case
             assert grads.keys() == ref_grads.keys()
