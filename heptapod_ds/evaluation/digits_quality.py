@@ -11,34 +11,23 @@ generator would reach, so that a run's numbers can be read against it.
 """
 from __future__ import annotations
 
-import warnings
 from dataclasses import dataclass
 from typing import Dict, Optional
 
 import numpy as np
 
+from .frechet import frechet_distance_from_stats
+
 
 def frechet_distance(feats_a: np.ndarray, feats_b: np.ndarray) -> float:
-    """||mu_a - mu_b||^2 + Tr(S_a + S_b - 2 (S_a S_b)^{1/2}), in float64."""
-    from scipy import linalg
-
+    """Fréchet distance between the Gaussians fitted to two feature sets ``[n, d]``, in float64."""
     a = np.asarray(feats_a, dtype=np.float64)
     b = np.asarray(feats_b, dtype=np.float64)
     if a.ndim != 2 or b.ndim != 2 or a.shape[1] != b.shape[1]:
         raise ValueError(f"features must be [n, d] with the same d, got {a.shape} and {b.shape}")
     if len(a) < 2 or len(b) < 2:
         raise ValueError("the Fréchet distance needs at least 2 samples on each side")
-    mu_a, mu_b = a.mean(0), b.mean(0)
-    s_a, s_b = np.cov(a, rowvar=False), np.cov(b, rowvar=False)
-    with warnings.catch_warnings():  # dead ReLU features make S singular; sqrtm still returns a usable root
-        warnings.simplefilter("ignore")
-        covmean, _ = linalg.sqrtm(s_a @ s_b, disp=False)
-    if not np.isfinite(covmean).all():  # near-singular product: regularise as the FID reference code does
-        eps = np.eye(len(s_a)) * 1e-6
-        covmean = linalg.sqrtm((s_a + eps) @ (s_b + eps))
-    covmean = np.real(covmean)
-    diff = mu_a - mu_b
-    return float(diff @ diff + np.trace(s_a) + np.trace(s_b) - 2.0 * np.trace(covmean))
+    return frechet_distance_from_stats(a.mean(0), np.cov(a, rowvar=False), b.mean(0), np.cov(b, rowvar=False))
 
 
 @dataclass
