@@ -38,6 +38,8 @@ import torch.distributed as dist
 from heptapod_ds.config.loader import to_dict
 from heptapod_ds.distributed import parallel_state
 
+from .safe_load import load_rank_file, safe_deepspeed_loads
+
 log = logging.getLogger(__name__)
 
 META = "heptapod_meta.json"
@@ -65,10 +67,18 @@ def _get(d: Dict[str, Any], dotted: str) -> Any:
 
 
 def rng_state() -> Dict[str, Any]:
-    """Every RNG this rank draws from: python, numpy, torch CPU, CUDA, megatron's TP tracker."""
+    """Every RNG this rank draws from: python, numpy, torch CPU, CUDA, megatron's TP tracker.
+
+    Stored as tensors and plain python values only, so the file loads with ``weights_only=True``
+    (NumPy's state holds an ndarray, which a safe unpickler refuses).
+    """
     from megatron.core.tensor_parallel.random import get_cuda_rng_tracker
 
-    return {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state(),
+    kind, keys, pos, has_gauss, cached = np.random.get_state()
+    return {"python": random.getstate(),
+            "numpy": {"kind": str(kind), "keys": torch.from_numpy(keys.astype(np.int64)), "pos": int(pos),
+                      "has_gauss": int(has_gauss), "cached_gaussian": float(cached)},
+            "torch": torch.get_rng_state(),
             "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None,
             "megatron": get_cuda_rng_tracker().get_states()}
 
@@ -76,12 +86,16 @@ def rng_state() -> Dict[str, Any]:
 def set_rng_state(state: Dict[str, Any]) -> None:
     from megatron.core.tensor_parallel.random import get_cuda_rng_tracker
 
-    random.setstate(state["python"])
-    np.random.set_state(state["numpy"])
+    version, internal, gauss = state["python"]
+    random.setstate((version, tuple(internal), gauss))
+    npy = state["numpy"]
+    np.random.set_state((npy["kind"], npy["keys"].numpy().astype(np.uint32), npy["pos"], npy["has_gauss"],
+                         npy["cached_gaussian"]))
     torch.set_rng_state(state["torch"])
     if state["cuda"] is not None and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
-    get_cuda_rng_tracker().set_states(state["megatron"])
+    if state.get("megatron") is not None:  # None: a TP rank a converted checkpoint had no state for
+        get_cuda_rng_tracker().set_states(state["megatron"])
 
 
 def _layout(cfg) -> Dict[str, int]:
@@ -263,17 +277,17 @@ class CheckpointManager:
             raise CheckpointMismatch(f"checkpoint {target} has no EMA but this run keeps one "
                                      f"(train.ema_decay={decay}); pass train.ema_decay=0 or start a new "
                                      f"run_dir.")
-        load_path, _ = engine.load_checkpoint(str(target.parent), tag=_engine_tag(target.name, info),
-                                              load_optimizer_states=True, load_lr_scheduler_states=True)
+        with safe_deepspeed_loads(engine):
+            load_path, _ = engine.load_checkpoint(str(target.parent), tag=_engine_tag(target.name, info),
+                                                  load_optimizer_states=True, load_lr_scheduler_states=True)
         if load_path is None:
             raise RuntimeError(f"DeepSpeed could not load checkpoint {target}; see the DeepSpeed log above.")
-        own = torch.load(target / f"heptapod_rank{info.rank:05d}.pt", map_location="cpu", weights_only=False)
+        own = load_rank_file(target / f"heptapod_rank{info.rank:05d}.pt")
         if ema is not None:
             ema_state = own["ema"]
             if ema_state is None:  # replicated EMA: data-parallel rank 0 of this TP/PP group saved it
                 owner = dist.get_global_rank(parallel_state.dp_group(), 0) if dist.is_initialized() else 0
-                ema_state = torch.load(target / f"heptapod_rank{owner:05d}.pt", map_location="cpu",
-                                       weights_only=False)["ema"]
+                ema_state = load_rank_file(target / f"heptapod_rank{owner:05d}.pt")["ema"]
             ema.load_state_dict(ema_state)
         set_rng_state(own["rng"])
         _barrier()

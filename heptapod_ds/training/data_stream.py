@@ -1,8 +1,11 @@
 """An endless, resumable stream of micro-batches over epochs.
 
-The position is (epoch, micro_step): how many micro-batches of ``epoch`` this rank has consumed.
-Since the loader's order and noise are functions of (data seed, epoch, sample index) only, storing
-this pair in a checkpoint is enough to continue with exactly the batches an uninterrupted run sees.
+The saved position is layout-independent: ``{"epoch", "global_batches", "global_batch_size"}``, the
+number of *global* batches of ``epoch`` consumed by the whole data-parallel group. The loader's order
+and noise are functions of (data seed, epoch, sample index) and global batch s of an epoch always
+covers the same samples whatever the data-parallel size (see :mod:`heptapod_ds.data.order`), so a
+run resumed with another DP size, micro batch or accumulation sees exactly the samples an
+uninterrupted run would have seen. Internally each rank counts its own micro-batches.
 """
 from __future__ import annotations
 
@@ -49,4 +52,29 @@ class BatchStream:
         return tokens, labels, ids, self.epoch
 
     def position(self) -> Dict[str, int]:
-        return {"epoch": self.epoch, "micro_step": self.micro_step}
+        """Layout-independent position; see the module docstring."""
+        accum = self.loader.grad_accum
+        if self.micro_step % accum:
+            raise RuntimeError(f"data position taken in the middle of an optimizer step (micro step "
+                               f"{self.micro_step}, grad_accum {accum}); save only between steps.")
+        return {"epoch": self.epoch, "global_batches": self.micro_step // accum,
+                "global_batch_size": self.loader.global_batch}
+
+
+def resume_micro_step(position: Dict[str, int], cfg) -> Dict[str, int]:
+    """(epoch, micro_step) of this run's rank stream for a saved ``position``.
+
+    Accepts the layout-independent form and the per-rank form of older checkpoints
+    (``micro_step``, valid only for the same grad_accum). A changed global batch size is refused: the
+    samples of global batch s would differ from the uninterrupted run's.
+    """
+    epoch = int(position["epoch"])
+    if "global_batches" in position:
+        saved = int(position.get("global_batch_size", cfg.train.global_batch_size))
+        if saved != cfg.train.global_batch_size:
+            raise ValueError(f"the checkpoint was trained with train.global_batch_size={saved}, this run has "
+                             f"{cfg.train.global_batch_size}; a resumed run must keep the global batch size "
+                             f"to see the samples an uninterrupted run would see (set "
+                             f"train.global_batch_size={saved}).")
+        return {"epoch": epoch, "micro_step": int(position["global_batches"]) * cfg.train.grad_accum}
+    return {"epoch": epoch, "micro_step": int(position["micro_step"])}

@@ -18,7 +18,7 @@ from heptapod_ds.config import HeptapodConfig, to_dict, to_yaml
 from heptapod_ds.distributed import parallel_state
 from heptapod_ds.monitor import MetricsSink, get_logger
 
-from .data_stream import BatchStream, sample_seeds
+from .data_stream import BatchStream, resume_micro_step, sample_seeds
 from .throughput import ThroughputMeter, memory_gib, peak_tflops
 
 log = get_logger(__name__)
@@ -65,7 +65,7 @@ class Trainer:
         state = self.ckpt.load(self.engine, ema=self.ema)
         if state is not None:
             self.step = int(state["step"])
-            position = state["data"]
+            position = resume_micro_step(state["data"], cfg)
             self.nonfinite.load_state_dict(state["nonfinite"])
             log.info("resumed at step %d (epoch %d, micro-step %d)", self.step, position["epoch"],
                      position["micro_step"])

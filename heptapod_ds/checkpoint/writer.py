@@ -1,0 +1,356 @@
+"""Write a training checkpoint of any layout (TP, DP, ZeRO 0-3) from canonical full tensors.
+
+Why the DeepSpeed files are written here rather than by DeepSpeed itself: a DeepSpeed engine of the
+target layout needs ``tensor x dp`` live processes, each holding its module copy (ZeRO-0/1/2) plus
+its optimizer partition - for the H preset at DP=64 that is far more than one CPU machine holds, while
+the files themselves are a pure re-partitioning of three fp32 tensors per parameter. The arithmetic
+of that partitioning is in :mod:`.zero_layout` (checked against DeepSpeed 0.19's own saves), and every
+written checkpoint is proven by DeepSpeed loading it (tests: resume on another shape, round trips).
+
+Each output file is built from the parameters it needs, one file at a time: memory is about one file
+plus the canonical tensors, which the caller hands in memory-mapped.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import pathlib
+import time
+from collections import OrderedDict
+from dataclasses import dataclass, field
+from typing import Any, Callable, Dict, List, Optional
+
+import torch
+
+from heptapod_ds.engine.checkpoint import META
+
+from . import zero_layout as zl
+from .names import ParamSpec, group_order, is_extra_state
+
+log = logging.getLogger(__name__)
+
+TensorsOf = Callable[[str], Optional[Dict[str, torch.Tensor]]]  # kind -> tensors (None: zeros)
+
+
+@dataclass
+class TrainingState:
+    """Everything a resume needs, independent of the layout it was saved in."""
+    cfg: Any                                  # the run's config (model identity, optimizer, schedule)
+    specs: List[ParamSpec]
+    step: int                                 # trainer step = checkpoint tag
+    optimizer_step: int                       # AdamW's step count
+    tensors: TensorsOf                        # "fp32", "exp_avg", "exp_avg_sq", "ema"
+    scheduler: Optional[Dict[str, Any]]       # LambdaLR state; None = fresh
+    counters: Dict[str, int]                  # DeepSpeed's global_steps, global_samples, skipped_steps
+    ema: Optional[Dict[str, Any]]             # {"decay", "num_updates"}; None = no EMA
+    rng: Dict[str, Any]                       # python / numpy / torch / cuda state (layout-independent)
+    megatron_rng: List[Dict[str, Any]]        # the TP tracker's states per source TP rank
+    client_state: Dict[str, Any] = field(default_factory=dict)   # step, data position, nonfinite
+    source: Dict[str, Any] = field(default_factory=dict)
+
+
+def target_config(cfg, tensor: int, pipeline: int, dp: int, zero: int):
+    """``cfg`` for the new layout: same model and global batch; micro batch / accumulation refitted."""
+    import copy
+
+    from heptapod_ds.config.loader import validate
+
+    new = copy.deepcopy(cfg)
+    new.parallel.tensor, new.parallel.pipeline, new.parallel.zero_stage = tensor, pipeline, zero
+    new.parallel.world_size = tensor * pipeline * dp
+    new.parallel.ds_config = None
+    tr = new.train
+    if tr.global_batch_size % dp:
+        raise ValueError(f"train.global_batch_size={tr.global_batch_size} is not divisible by --dp {dp}; the "
+                         f"global batch must stay the same for the run to see the same samples.")
+    per_rank = tr.global_batch_size // dp
+    if per_rank % tr.micro_batch_size:
+        tr.micro_batch_size = per_rank  # keep the global batch, one micro batch per step
+    tr.grad_accum = 0
+    return validate(new, world_size=new.parallel.world_size)
+
+
+def _adamw_groups(cfg, n_groups_specs: List[List[ParamSpec]], last_lr: List[float]) -> List[Dict[str, Any]]:
+    """torch AdamW's param_group dicts (hyper-parameters), as engine/optim.py builds them."""
+    o = cfg.optimizer
+    dummy = [{"params": [torch.zeros(1)], "weight_decay": o.weight_decay if specs[0].decay else 0.0}
+             for specs in n_groups_specs]
+    opt = torch.optim.AdamW(dummy, lr=o.lr, betas=(o.beta1, o.beta2), eps=o.eps, weight_decay=o.weight_decay)
+    groups = opt.state_dict()["param_groups"]
+    for g, lr in zip(groups, last_lr):
+        g["lr"] = lr
+        g["initial_lr"] = o.lr
+    return groups
+
+
+def fresh_scheduler_state(cfg, n_groups: int) -> Dict[str, Any]:
+    from heptapod_ds.engine.schedule import build_scheduler
+
+    opt = torch.optim.AdamW([{"params": [torch.zeros(1)]} for _ in range(n_groups)], lr=cfg.optimizer.lr)
+    return build_scheduler(opt, cfg).state_dict()
+
+
+class LayoutWriter:
+    """Writes ``global_step{N}/`` for one target layout into a (staging) checkpoints folder."""
+
+    def __init__(self, state: TrainingState, cfg, out_ckpts: pathlib.Path, progress=None):
+        from heptapod_ds.engine import ds_config as ds_config_mod
+
+        self.s = state
+        self.cfg = cfg
+        self.tp, self.pp = cfg.parallel.tensor, cfg.parallel.pipeline
+        self.dp = cfg.parallel.world_size // (self.tp * self.pp)
+        self.zero = cfg.parallel.zero_stage
+        if self.pp != 1:
+            raise ValueError("--pipeline > 1: writing pipeline-stage checkpoints is not supported yet.")
+        self.ds = ds_config_mod.resolve(cfg, data_parallel_size=self.dp)
+        self.groups = group_order(state.specs)
+        self.tag = f"global_step{state.step}"
+        self.dir = out_ckpts / self.tag
+        self.dir.mkdir(parents=True)
+        self.progress = progress
+        sched = state.scheduler or fresh_scheduler_state(state.cfg, len(self.groups))
+        if len(sched.get("base_lrs", [])) != len(self.groups):
+            raise ValueError(f"the LR schedule state has {len(sched.get('base_lrs', []))} groups, the model "
+                             f"{len(self.groups)}.")
+        self.sched = sched
+        self.param_groups = _adamw_groups(cfg, self.groups, list(sched["_last_lr"]))
+        import deepspeed
+        self.ds_version = deepspeed.__version__
+
+    # ------------------------------------------------------------------ tensors
+    def _local(self, kind: str, spec: ParamSpec, tp_rank: int) -> torch.Tensor:
+        """This TP rank's shard of ``spec`` for ``kind`` (zeros for a fresh optimizer state)."""
+        full = self._kind(kind).get(spec.name) if self._kind(kind) is not None else None
+        if full is None:
+            return torch.zeros(spec.local_shape(self.tp))
+        return spec.shard(full, self.tp, tp_rank)
+
+    def _kind(self, kind: str):
+        if not hasattr(self, "_cache"):
+            self._cache = {}
+        if kind not in self._cache:
+            self._cache[kind] = self.s.tensors(kind)
+        return self._cache[kind]
+
+    def _flat_slice(self, kind: str, specs: List[ParamSpec], tp_rank: int, start: int, length: int) -> torch.Tensor:
+        """Elements [start, start+length) of the concatenation of ``specs``' local shards (flattened)."""
+        out = torch.zeros(length)
+        if length == 0:
+            return out
+        offset = 0
+        for spec in specs:
+            n = int(torch.Size(spec.local_shape(self.tp)).numel())
+            lo, hi = max(start, offset), min(start + length, offset + n)
+            if lo < hi:
+                flat = self._local(kind, spec, tp_rank).reshape(-1)
+                out[lo - start:hi - start] = flat[lo - offset:hi - offset]
+            offset += n
+            if offset >= start + length:
+                break
+        return out
+
+    # ------------------------------------------------------------------ files
+    def _common(self, module, optimizer, param_shapes) -> Dict[str, Any]:
+        s = self.s
+        frozen = OrderedDict() if self.zero == 3 else ({} if self.zero == 2 else None)
+        return {"module": module, "buffer_names": [], "optimizer": optimizer, "param_shapes": param_shapes,
+                "frozen_param_shapes": frozen, "shared_params": {} if self.zero >= 1 else None,
+                "frozen_param_fragments": {} if self.zero >= 2 else None, "lr_scheduler": dict(self.sched),
+                "data_sampler": None, "random_ltd": None, "skipped_steps": int(s.counters.get("skipped_steps", 0)),
+                "global_steps": int(s.counters.get("global_steps", s.optimizer_step)),
+                "global_samples": int(s.counters.get("global_samples",
+                                                     s.optimizer_step * self.cfg.train.global_batch_size)),
+                "dp_world_size": self.dp, "mp_world_size": self.tp,
+                "checkpoint_parallel_dimensions": {"pp_degree": self.pp, "tp_degree": self.tp},
+                "ds_config": self.ds, "ds_version": self.ds_version, "heptapod_step": int(s.step)}
+
+    def _extras(self) -> Dict[str, Any]:
+        """Non-parameter entries of the module's state dict (megatron's ``_extra_state``)."""
+        if not hasattr(self, "_extras_cache"):
+            from heptapod_ds.model.heptapod import HeptapodModel
+            with torch.device("meta"):
+                model = HeptapodModel(self.s.cfg, impl="local", tensor_parallel=1)
+            params = {n for n, _ in model.named_parameters()}
+            extras = OrderedDict()
+            for k, v in model.state_dict().items():
+                if k in params:
+                    continue
+                if torch.is_tensor(v):
+                    raise NotImplementedError(f"the model has a persistent buffer '{k}'; the checkpoint writer "
+                                              f"does not know its value (extend heptapod_ds/checkpoint/writer.py).")
+                extras[k] = v
+            self._extras_cache = (extras, [n for n, _ in model.named_parameters()], model)
+        return self._extras_cache
+
+    def _module(self, tp_rank: int, placeholders: bool) -> "OrderedDict[str, Any]":
+        extras, order, model = self._extras()
+        by_name = {s.name: s for s in self.s.specs}
+        module = OrderedDict()
+        for k in model.state_dict().keys():
+            if k in extras:
+                module[k] = extras[k]
+            elif placeholders:
+                module[k] = torch.empty(0)
+            else:
+                module[k] = self._local("fp32", by_name[k], tp_rank).clone()
+        return module
+
+    def _param_shapes(self, sub_groups: List[List[ParamSpec]]):
+        return [OrderedDict((s.name, torch.Size(s.local_shape(self.tp))) for s in g) for g in sub_groups]
+
+    def _loss_scaler(self):
+        from deepspeed.runtime.fp16.loss_scaler import LossScaler
+        return LossScaler(scale=1.0)
+
+    def _step_tensor(self) -> torch.Tensor:
+        return torch.tensor(float(self.s.optimizer_step))
+
+    def _save(self, obj, name: str) -> None:
+        torch.save(obj, self.dir / name)
+        if self.progress:
+            self.progress(1)
+
+    def file_count(self) -> int:
+        per_tp = {0: 1, 1: 1 + self.dp, 2: 1 + self.dp, 3: 2 * self.dp}[self.zero]
+        return per_tp * self.tp + self.tp * self.dp * self.pp
+
+    def write(self) -> pathlib.Path:
+        for r in range(self.tp):
+            {0: self._zero0, 1: self._zero12, 2: self._zero12, 3: self._zero3}[self.zero](r)
+        self._rank_files()
+        self._meta()
+        return self.dir
+
+    def _zero0(self, r: int) -> None:
+        order = [s for g in self.groups for s in g]
+        state = {}
+        for i, spec in enumerate(order):
+            state[i] = {"step": self._step_tensor(), "exp_avg": self._local("exp_avg", spec, r).clone(),
+                        "exp_avg_sq": self._local("exp_avg_sq", spec, r).clone()}
+        groups, i = [], 0
+        for g, pg in zip(self.groups, self.param_groups):
+            groups.append(dict(pg, params=list(range(i, i + len(g)))))
+            i += len(g)
+        optimizer = {"state": state, "param_groups": groups}
+        self._save(self._common(self._module(r, placeholders=False), optimizer, None), zl.model_file(0, r, 0))
+
+    def _zero12(self, r: int) -> None:
+        from deepspeed.runtime.zero.config import ZeroStageEnum
+        from deepspeed.utils.tensor_fragment import fragment_address
+
+        self._save(self._common(self._module(r, placeholders=False), None, self._param_shapes(self.groups)),
+                   zl.model_file(self.zero, r, 0))
+        numels = [[int(torch.Size(s.local_shape(self.tp)).numel()) for s in g] for g in self.groups]
+        for d in range(self.dp):
+            lean, state, paddings, mappings = [], {}, [], []
+            for gi, specs in enumerate(self.groups):
+                total = sum(numels[gi])
+                start, length, pad = zl.zero12_slice(total, self.dp, d)
+                lean.append(self._flat_slice("fp32", specs, r, start, length))
+                state[gi] = {"step": self._step_tensor(),
+                             "exp_avg": torch.cat([self._flat_slice("exp_avg", specs, r, start, length),
+                                                   torch.zeros(pad)]),
+                             "exp_avg_sq": torch.cat([self._flat_slice("exp_avg_sq", specs, r, start, length),
+                                                      torch.zeros(pad)])}
+                paddings.append(pad)
+                mapping, offset = OrderedDict(), 0
+                for spec, n in zip(specs, numels[gi]):
+                    lo, hi = max(start, offset), min(start + length, offset + n)
+                    if lo < hi:
+                        mapping[spec.name] = fragment_address(numel=hi - lo, start=lo - start)
+                    offset += n
+                mappings.append(mapping)
+            osd = {"loss_scaler": self._loss_scaler(), "dynamic_loss_scale": False, "overflow": False,
+                   "clip_grad": float(self.cfg.optimizer.grad_clip),
+                   "base_optimizer_state": {"state": state,
+                                            "param_groups": [dict(pg, params=[i]) for i, pg in
+                                                             enumerate(self.param_groups)]},
+                   "single_partition_of_fp32_groups": lean,
+                   "zero_stage": ZeroStageEnum.gradients if self.zero == 2 else ZeroStageEnum.optimizer_states,
+                   "group_paddings": paddings, "param_alignment_paddings": [[0] * len(g) for g in self.groups],
+                   "partition_count": [self.dp] * len(self.groups), "ds_version": self.ds_version,
+                   "param_slice_mappings": mappings}
+            self._save({"optimizer_state_dict": osd, "ds_config": self.ds, "ds_version": self.ds_version},
+                       zl.optim_file(r, d))
+
+    def _zero3_sub_groups(self) -> List[List[ParamSpec]]:
+        size = int(self.ds["zero_optimization"].get("sub_group_size", 1_000_000_000))
+        subs, owner = [], []
+        for gi, specs in enumerate(self.groups):
+            numels = [int(torch.Size(s.local_shape(self.tp)).numel()) for s in specs]
+            for idx in zl.zero3_sub_groups(numels, self.dp, size):
+                subs.append([specs[i] for i in idx])
+                owner.append(gi)
+        self._sub_owner = owner
+        return subs
+
+    def _zero3_piece(self, kind: str, spec: ParamSpec, r: int, d: int) -> torch.Tensor:
+        local = self._local(kind, spec, r).reshape(-1)
+        k = zl.zero3_piece(local.numel(), self.dp)
+        piece = torch.zeros(k)
+        part = local[d * k:(d + 1) * k]
+        piece[:part.numel()] = part
+        return piece
+
+    def _zero3(self, r: int) -> None:
+        from deepspeed.runtime.zero.config import ZeroStageEnum
+
+        subs = self._zero3_sub_groups()
+        for d in range(self.dp):
+            self._save(self._common(self._module(r, placeholders=True), None, self._param_shapes(subs)),
+                       zl.model_file(3, r, d))
+            flats, state = [], {}
+            for si, specs in enumerate(subs):
+                flats.append(torch.cat([self._zero3_piece("fp32", s, r, d) for s in specs]))
+                state[si] = {"step": self._step_tensor(),
+                             "exp_avg": torch.cat([self._zero3_piece("exp_avg", s, r, d) for s in specs]),
+                             "exp_avg_sq": torch.cat([self._zero3_piece("exp_avg_sq", s, r, d) for s in specs])}
+            groups = [dict(pg, params=[si for si, o in enumerate(self._sub_owner) if o == gi])
+                      for gi, pg in enumerate(self.param_groups)]
+            osd = {"zero_stage": ZeroStageEnum.weights, "loss_scaler": self._loss_scaler(),
+                   "dynamic_loss_scale": False, "overflow": False, "partition_count": self.dp,
+                   "optimizer_state_dict": {"state": state, "param_groups": groups}, "fp32_flat_groups": flats}
+            self._save({"optimizer_state_dict": osd, "ds_config": self.ds, "ds_version": self.ds_version},
+                       zl.optim_file(r, d))
+
+    # ------------------------------------------------------------------ ours
+    def _ema_state(self, r: int, d: int) -> Optional[Dict[str, Any]]:
+        if self.s.ema is None:
+            return None
+        partitioned = self.zero == 3
+        if not partitioned and d != 0:
+            return None
+        _, order, _ = self._extras()
+        by_name = {s.name: s for s in self.s.specs}
+        shadow = []
+        for name in order:
+            spec = by_name[name]
+            if partitioned:
+                shadow.append(self._zero3_piece("ema", spec, r, d))
+            else:
+                shadow.append(self._local("ema", spec, r).clone())
+        return {"decay": float(self.s.ema["decay"]), "num_updates": int(self.s.ema["num_updates"]),
+                "partitioned": partitioned, "names": list(order), "shadow": shadow}
+
+    def _rank_files(self) -> None:
+        for d in range(self.dp):
+            for r in range(self.tp):
+                rank = zl.global_rank(r, d, 0, self.tp, self.dp)
+                # the TP tracker of a TP rank the source did not have keeps its fresh seeding (None)
+                megatron = self.s.megatron_rng[r] if r < len(self.s.megatron_rng) else None
+                rng = dict(self.s.rng, megatron=megatron)
+                own = {"rng": rng, "client_state": dict(self.s.client_state), "ema": self._ema_state(r, d),
+                       "rank": rank}
+                self._save(own, f"heptapod_rank{rank:05d}.pt")
+
+    def _meta(self) -> None:
+        from heptapod_ds.config.loader import to_dict
+
+        meta = {"step": int(self.s.step), "tag": self.tag, "time": time.time(),
+                "world_size": self.tp * self.dp * self.pp,
+                "layout": {"tensor": self.tp, "pipeline": self.pp, "dp": self.dp, "zero_stage": self.zero},
+                "has_ema": self.s.ema is not None, "config": to_dict(self.cfg),
+                "converted_from": self.s.source}
+        (self.dir / META).write_text(json.dumps(meta, indent=1, default=str))
+        (self.dir.parent / "latest").write_text(self.tag)

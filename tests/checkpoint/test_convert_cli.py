@@ -1,0 +1,161 @@
+"""tools/convert_ckpt.py on checkpoints made by its own writer (one process, no training): every layout
+round-trips, inspect / verify report, and each bad input is a clear error naming the file, with nothing
+written."""
+import json
+import os
+import shutil
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from heptapod_ds.checkpoint.cli import main
+
+REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+SMALL = ["backbone.depth=2", "backbone.width=32", "backbone.num_heads=2", "head.depth=1", "head.width=32",
+         "head.num_heads=2", "train.global_batch_size=16", "train.micro_batch_size=8", "train.grad_accum=0",
+         "train.ema_decay=0.9"]
+
+
+class _RunsCode:
+    def __reduce__(self):
+        return (os.system, ("echo pwned > /dev/null",))
+
+
+@pytest.fixture(scope="module")
+def made(tmp_path_factory):
+    """A release of random weights and a TP=2 x DP=2 ZeRO-3 training checkpoint made from it."""
+    from heptapod_ds.checkpoint.names import model_spec
+    from heptapod_ds.checkpoint.release import write_release
+    from heptapod_ds.checkpoint.world import ensure_local_world
+    from heptapod_ds.config import load_config
+
+    ensure_local_world()
+    tmp = tmp_path_factory.mktemp("cli")
+    cfg = load_config(overrides=SMALL, world_size=1)
+    g = torch.Generator().manual_seed(0)
+    tensors = {s.name: torch.randn(s.shape, generator=g) for s in model_spec(cfg)}
+    rel = tmp / "rel"
+    rel.mkdir()
+    write_release(rel, tensors, cfg, source={"test": True}, weights="raw", dtype="fp32")
+    assert main(["from-release", "--release", str(rel), "--out", str(tmp / "run"), "--tensor", "2", "--dp", "2",
+                 "--zero", "3"]) == 0
+    return tmp, tensors
+
+
+def _release(path):
+    from safetensors.torch import load_file
+    return load_file(os.path.join(path, "model.safetensors"))
+
+
+def _copy_run(made, name):
+    tmp, _ = made
+    dst = tmp / name
+    shutil.copytree(tmp / "run", dst)
+    return dst, dst / "checkpoints" / "global_step0"
+
+
+@pytest.mark.parametrize("tp,zero", [(1, 0), (2, 0), (1, 1), (2, 2), (1, 3)])
+def test_every_layout_round_trips_bit_exactly(made, tp, zero):
+    tmp, tensors = made
+    run, out = tmp / f"rs{tp}{zero}", tmp / f"rel{tp}{zero}"
+    assert main(["reshard", "--ckpt", str(tmp / "run"), "--out", str(run), "--tensor", str(tp), "--dp", "2",
+                 "--zero", str(zero)]) == 0
+    assert main(["to-release", "--ckpt", str(run), "--out", str(out), "--weights", "raw"]) == 0
+    got = _release(out)
+    assert got.keys() == tensors.keys() and all(torch.equal(got[k], tensors[k]) for k in tensors)
+    assert main(["to-release", "--ckpt", str(run), "--out", str(tmp / f"relb{tp}{zero}"), "--dtype", "bf16"]) == 0
+    assert all(v.dtype == torch.bfloat16 for v in _release(tmp / f"relb{tp}{zero}").values())
+
+
+def test_inspect_and_verify(made, capsys):
+    tmp, _ = made
+    assert main(["inspect", str(tmp / "run"), "--json"]) == 0
+    info = json.loads(capsys.readouterr().out)
+    assert info["layout"] == {"tensor": 2, "pipeline": 1, "dp": 2, "zero_stage": 3} and info["ema"] is True
+    assert info["parameters_per_module"]["backbone"] > 0 and info["step"] == 0
+    assert main(["inspect", str(tmp / "rel")]) == 0
+    assert "release" in capsys.readouterr().out
+    assert main(["verify", str(tmp / "run")]) == 0
+    assert main(["verify", str(tmp / "rel")]) == 0
+
+
+def test_truncated_shard_is_named_and_nothing_written(made, capsys):
+    tmp, _ = made
+    run, tag = _copy_run(made, "trunc")
+    shard = tag / "zero_pp_rank_1_mp_rank_01_optim_states.pt"
+    data = shard.read_bytes()
+    shard.write_bytes(data[: len(data) // 2])
+    assert main(["to-release", "--ckpt", str(run), "--out", str(tmp / "trunc_rel")]) == 1
+    assert str(shard) in capsys.readouterr().err
+    assert not (tmp / "trunc_rel").exists() and not list(tmp.glob(".trunc_rel*"))
+    assert main(["verify", str(run)]) == 1
+    assert shard.name in capsys.readouterr().out
+
+
+def test_missing_shard_is_named_and_nothing_written(made, capsys):
+    tmp, _ = made
+    run, tag = _copy_run(made, "missing")
+    (tag / "zero_pp_rank_0_mp_rank_01_model_states.pt").unlink()
+    assert main(["reshard", "--ckpt", str(run), "--out", str(tmp / "missing_out"), "--tensor", "1", "--dp", "1",
+                 "--zero", "0"]) == 1
+    assert "zero_pp_rank_0_mp_rank_01_model_states.pt" in capsys.readouterr().err
+    assert not (tmp / "missing_out").exists()
+
+
+def test_pickle_that_would_run_code_is_refused(made, capsys):
+    tmp, _ = made
+    run, tag = _copy_run(made, "evil")
+    torch.save({"rng": _RunsCode(), "client_state": {}, "ema": None}, tag / "heptapod_rank00000.pt")
+    assert main(["reshard", "--ckpt", str(run), "--out", str(tmp / "evil_out"), "--tensor", "1", "--dp", "1",
+                 "--zero", "0"]) == 1
+    err = capsys.readouterr().err
+    assert "heptapod_rank00000.pt" in err and "system" in err
+    assert not (tmp / "evil_out").exists()
+
+
+def test_existing_output_needs_force(made, capsys):
+    tmp, tensors = made
+    out = tmp / "taken"
+    out.mkdir()
+    (out / "keep.txt").write_text("mine")
+    assert main(["to-release", "--ckpt", str(tmp / "run"), "--out", str(out)]) == 2
+    assert "--force" in capsys.readouterr().err and (out / "keep.txt").read_text() == "mine"
+    assert main(["to-release", "--ckpt", str(tmp / "run"), "--out", str(out), "--force", "--weights", "raw"]) == 0
+    assert not (out / "keep.txt").exists() and (out / "model.safetensors").is_file()
+
+
+def test_reshard_into_a_run_of_another_preset_is_refused(made, capsys):
+    from heptapod_ds.config import load_config, to_yaml
+
+    tmp, _ = made
+    other = tmp / "other_run"
+    other.mkdir()
+    (other / "config.yaml").write_text(to_yaml(load_config(overrides=["preset=B"], world_size=1,
+                                                           validate_config=False)))
+    before = sorted(os.listdir(other))
+    for force in ([], ["--force"]):
+        assert main(["reshard", "--ckpt", str(tmp / "run"), "--out", str(other), "--tensor", "1", "--dp", "2",
+                     "--zero", "1", *force]) == 1
+        err = capsys.readouterr().err
+        assert str(other / "config.yaml") in err and "preset" in err
+    assert sorted(os.listdir(other)) == before
+
+
+def test_altered_release_is_named(made, capsys):
+    tmp, _ = made
+    rel = tmp / "rel_altered"
+    shutil.copytree(tmp / "rel", rel)
+    data = bytearray((rel / "model.safetensors").read_bytes())
+    data[-1] ^= 0xFF
+    (rel / "model.safetensors").write_bytes(bytes(data))
+    assert main(["verify", str(rel)]) == 1
+    assert "model.safetensors" in capsys.readouterr().out
+
+
+def test_every_command_has_help():
+    for cmd in ([], ["to-release"], ["reshard"], ["from-release"], ["inspect"], ["verify"]):
+        proc = subprocess.run([sys.executable, os.path.join(REPO, "tools", "convert_ckpt.py"), *cmd, "--help"],
+                              capture_output=True, text=True, timeout=120, cwd=REPO)
+        assert proc.returncode == 0 and "usage:" in proc.stdout, proc.stderr
