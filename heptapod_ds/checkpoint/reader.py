@@ -185,6 +185,7 @@ class TrainingCheckpoint:
         sd = self._load(path)
         module = sd["module"]
         names = [n for n in module if self._canon(n, path) is not None]
+        from_local = {self._canon(n, path): n for n in names}
         if kind == "fp32":
             return {self._canon(n, path): module[n] for n in names}
         opt = sd.get("optimizer")
@@ -195,6 +196,9 @@ class TrainingCheckpoint:
         out = {}
         for idx, name in enumerate(order):
             st = opt["state"].get(idx)
+            if not opt["state"]:  # torch creates AdamW state at the first step: a step-0 checkpoint has none
+                out[name] = torch.zeros_like(module[from_local[name]], dtype=torch.float32)
+                continue
             if st is None:
                 raise CheckpointFormatError(f"{path}: no optimizer state for parameter #{idx} ('{name}').")
             out[name] = st[kind]
@@ -220,8 +224,8 @@ class TrainingCheckpoint:
                     piece = lean
                 else:
                     base = osd["base_optimizer_state"]
-                    state = base["state"][g] if isinstance(base, dict) else base[g]
-                    piece = state[kind][:lean.numel()]
+                    state = base["state"].get(g, {}) if isinstance(base, dict) else base[g]
+                    piece = state[kind][:lean.numel()] if kind in state else torch.zeros_like(lean)
                 flats[g].append(piece.reshape(-1))
         out = {}
         for g, shapes in enumerate(group_shapes):
@@ -248,7 +252,8 @@ class TrainingCheckpoint:
                 if kind == "fp32":
                     flat = osd["fp32_flat_groups"][sg]
                 else:
-                    flat = osd["optimizer_state_dict"]["state"][sg][kind]
+                    st = osd["optimizer_state_dict"]["state"].get(sg, {})
+                    flat = st[kind] if kind in st else torch.zeros_like(osd["fp32_flat_groups"][sg])
                 pieces[sg].append(flat.reshape(-1))
         out = {}
         for sg, shapes in enumerate(sub_groups):
@@ -295,12 +300,12 @@ class TrainingCheckpoint:
         """AdamW's step count (identical in every group and rank)."""
         if self.zero == 0:
             opt = self.model_states()["optimizer"]
-            steps = {float(s["step"]) for s in opt["state"].values()}
+            steps = {float(s["step"]) for s in opt["state"].values()} or {0.0}
         else:
             osd = self._load(self._optim_path(0, 0))["optimizer_state_dict"]
             state = (osd["optimizer_state_dict"] if self.zero == 3 else osd["base_optimizer_state"])
             state = state["state"] if isinstance(state, dict) else dict(enumerate(state))
-            steps = {float(s["step"]) for s in state.values()}
+            steps = {float(s["step"]) for s in state.values() if "step" in s} or {0.0}
         if len(steps) != 1:
             raise CheckpointFormatError(f"checkpoint {self.dir}: AdamW step counts differ between groups {steps}.")
         return int(steps.pop())

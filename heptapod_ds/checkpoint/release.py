@@ -184,9 +184,28 @@ def load_state_into(model: torch.nn.Module, state: Dict[str, torch.Tensor], wher
             p.data.copy_(full)
 
 
-def load_release_into(model: torch.nn.Module, path) -> Any:
-    """Load a release's weights into an existing model (any TP size; ZeRO-3 partitions too). Returns its cfg."""
+def check_release_matches(run_cfg, release_cfg, path) -> None:
+    """Refuse a release of another model (preset, tokenizer, sizes) with every difference named."""
+    from heptapod_ds.config.loader import to_dict
+    from heptapod_ds.engine.checkpoint import IDENTITY_FIELDS, _get
+
+    mine, theirs = to_dict(run_cfg), to_dict(release_cfg)
+    diffs = [f"{k}: release {_get(theirs, k)!r}, this run {_get(mine, k)!r}" for k in IDENTITY_FIELDS
+             if _get(theirs, k) != _get(mine, k)]
+    if diffs:
+        raise ReleaseError(f"release {path} ({pathlib.Path(path) / CONFIG_FILE}) is another model:\n  - "
+                           + "\n  - ".join(diffs) + "\nSet these fields to the release's values or use another "
+                                                    "release.")
+
+
+def load_release_into(model: torch.nn.Module, path, run_cfg=None) -> Any:
+    """Load a release's weights into an existing model (any TP size; ZeRO-3 partitions too). Returns its cfg.
+
+    With ``run_cfg``, a release of another model is refused before any tensor is touched.
+    """
     cfg, state = load_release(path)
+    if run_cfg is not None:
+        check_release_matches(run_cfg, cfg, path)
     load_state_into(model, state, where=pathlib.Path(path) / WEIGHTS_FILE)
     log.info("loaded release %s (%d tensors)", path, len(state))
     return cfg

@@ -274,6 +274,11 @@ def validate(cfg: HeptapodConfig, world_size: Optional[int] = None) -> HeptapodC
     if par.pipeline > 1 and par.zero_stage >= 2:
         err(f"parallel.pipeline={par.pipeline} with parallel.zero_stage={par.zero_stage}: DeepSpeed does not "
             f"support ZeRO-2/3 with pipeline parallelism. Use zero_stage 0 or 1, or pipeline=1.")
+    rel = cfg.checkpoint.from_release
+    if rel is not None and not (os.path.isfile(os.path.join(rel, "model.safetensors"))
+                                and os.path.isfile(os.path.join(rel, "config.json"))):
+        err(f"checkpoint.from_release='{rel}' is not a release folder (model.safetensors + config.json); make one "
+            f"with tools/convert_ckpt.py to-release.")
     if par.ds_config is not None and not os.path.isfile(par.ds_config):
         err(f"parallel.ds_config='{par.ds_config}' does not exist; pass a file from ds_configs/.")
 

@@ -148,6 +148,8 @@ class CheckpointConfig:
     save_every: int = F(500, "Save a checkpoint every N optimizer steps (0 = only at the end).")
     keep_last: int = F(2, "Keep the newest K complete checkpoints.")
     resume: str = F("auto", "auto (newest complete checkpoint in run_dir), none, or a checkpoint path.")
+    from_release: Optional[str] = F(None, "Release folder (tools/convert_ckpt.py to-release) whose weights start "
+                                    "the run in any layout, optimizer fresh; a resumed checkpoint takes precedence.")
 
 
 @dataclass

@@ -53,7 +53,7 @@ class Trainer:
         if not parallel_state.is_rank0():
             ensure_dataset(cfg)
 
-        self.engine, _optimizer, _scheduler = build_engine(cfg, lambda: build_model(cfg))
+        self.engine, _optimizer, _scheduler = build_engine(cfg, lambda: self._initial_model(build_model(cfg)))
         self.model = self.engine.module
         self.ema = EMA(self.engine, cfg.train.ema_decay) if cfg.train.ema_decay > 0 else None
         self.ckpt = CheckpointManager(cfg)
@@ -83,6 +83,17 @@ class Trainer:
                  "world=%d (tp=%d dp=%d) zero=%d grad_accum=%d", cfg.preset, cfg.head.type, cfg.token_type,
                  n_params / 1e6, flops / 1e9, self.info.world_size, self.info.tp_size, self.info.dp_size,
                  cfg.parallel.zero_stage, cfg.train.grad_accum)
+
+    def _initial_model(self, model):
+        """The freshly built model, with a release's weights when ``checkpoint.from_release`` is set (before
+        DeepSpeed copies them into its fp32 master; a checkpoint resumed afterwards replaces them)."""
+        release = self.cfg.checkpoint.from_release
+        if release:
+            from heptapod_ds.checkpoint.release import load_release_into
+
+            load_release_into(model, release, run_cfg=self.cfg)
+            log.info("initial weights from release %s", release)
+        return model
 
     # ------------------------------------------------------------------ one step
     def _micro_batches(self):

@@ -113,6 +113,11 @@ def _world4(rank, world_size, tmp):
         CheckpointManager(out).save(engine, int(state["step"]), state, ema=ema)
         del engine
 
+    # train.py starts from a release in another layout (TP=2 ZeRO-3 partitions filled from full tensors)
+    _relayout(2)
+    _train(_cfg(4, "parallel.tensor=2", "parallel.zero_stage=3", "train.steps=0", f"run_dir={tmp}/init",
+                f"checkpoint.from_release={tmp}/rel_raw"))
+
     # sampling: the training checkpoint (EMA swapped in, ZeRO-3, TP=2) against the release, both at TP=2
     _relayout(2)
     cfg = _cfg(4, "parallel.tensor=2", "parallel.zero_stage=3", f"run_dir={tmp}/ref", f"checkpoint.resume={step3}")
@@ -198,6 +203,16 @@ def test_release_round_trip_through_tp2_zero3(runs, single_rank):
     out = tmp / "rel_fr"
     assert main(["to-release", "--ckpt", str(tmp / "FR_ds"), "--out", str(out), "--weights", "raw"]) == 0
     _assert_identical(_release(out), _release(tmp / "rel_raw"), "release -> from-release TP2 ZeRO-3 -> release")
+
+
+def test_train_py_starts_from_a_release(runs, single_rank):
+    from heptapod_ds.checkpoint.cli import main
+
+    tmp, _ = runs
+    for weights in ("raw", "ema"):  # the EMA starts at the release's weights too
+        out = tmp / f"rel_init_{weights}"
+        assert main(["to-release", "--ckpt", str(tmp / "init"), "--out", str(out), "--weights", weights]) == 0
+        _assert_identical(_release(out), _release(tmp / "rel_raw"), f"from_release -> step 0 ({weights})")
 
 
 def test_sampling_from_release_equals_sampling_from_checkpoint(runs):
