@@ -130,7 +130,7 @@ class TrainingCheckpoint:
         return self._load(self._stage(pp_rank) / zl.model_file(self.zero, tp_rank, dp_rank))
 
     def rank_state(self, rank: int) -> Dict[str, Any]:
-        return safe_load.load_rank_file(self.dir / f"heptapod_rank{rank:05d}.pt")
+        return safe_load.load(self.dir / f"heptapod_rank{rank:05d}.pt", allow_deepspeed=False, mmap=True)
 
     # ------------------------------------------------------------------ tensors
     def _canon(self, name: str, where: pathlib.Path) -> Optional[str]:
