@@ -211,6 +211,11 @@ class LayoutWriter:
         if self.progress:
             self.progress(1)
 
+    def _save_optim(self, obj, r: int, d: int) -> None:
+        """Plain ``zero_pp_rank_*`` names (what DeepSpeed's zero_to_fp32 expects); a bf16 run, whose DeepSpeed
+        looks for ``bf16_zero_pp_rank_*``, finds them through ``engine.safe_load.safe_deepspeed_loads``."""
+        self._save(obj, zl.optim_file(r, d, bf16=self.cfg.parallel.precision == "bf16"))
+
     def file_count(self) -> int:
         per_tp = {0: 1, 1: 1 + self.dp, 2: 1 + self.dp, 3: 2 * self.dp}[self.zero]
         return per_tp * self.tp + self.tp * self.dp * self.pp
@@ -271,8 +276,8 @@ class LayoutWriter:
                    "group_paddings": paddings, "param_alignment_paddings": [[0] * len(g) for g in self.groups],
                    "partition_count": [self.dp] * len(self.groups), "ds_version": self.ds_version,
                    "param_slice_mappings": mappings}
-            self._save({"optimizer_state_dict": osd, "ds_config": self.ds, "ds_version": self.ds_version},
-                       zl.optim_file(r, d))
+            self._save_optim({"optimizer_state_dict": osd, "ds_config": self.ds, "ds_version": self.ds_version},
+                             r, d)
 
     def _zero3_sub_groups(self) -> List[List[ParamSpec]]:
         size = int(self.ds["zero_optimization"].get("sub_group_size", 1_000_000_000))
@@ -311,8 +316,8 @@ class LayoutWriter:
             osd = {"zero_stage": ZeroStageEnum.weights, "loss_scaler": self._loss_scaler(),
                    "dynamic_loss_scale": False, "overflow": False, "partition_count": self.dp,
                    "optimizer_state_dict": {"state": state, "param_groups": groups}, "fp32_flat_groups": flats}
-            self._save({"optimizer_state_dict": osd, "ds_config": self.ds, "ds_version": self.ds_version},
-                       zl.optim_file(r, d))
+            self._save_optim({"optimizer_state_dict": osd, "ds_config": self.ds, "ds_version": self.ds_version},
+                             r, d)
 
     # ------------------------------------------------------------------ ours
     def _ema_state(self, r: int, d: int) -> Optional[Dict[str, Any]]:

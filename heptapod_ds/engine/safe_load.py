@@ -101,7 +101,8 @@ def load_rank_file(path) -> Any:
 @contextlib.contextmanager
 def safe_deepspeed_loads(engine) -> Iterator[None]:
     """Make ``engine.load_checkpoint`` read DeepSpeed's files through :func:`load` (DeepSpeed's own
-    checkpoint engine uses ``weights_only=False``)."""
+    checkpoint engine uses ``weights_only=False``). A ZeRO optimizer file saved by an fp32 run (or the
+    converter) is found by a bf16 run, which asks for the ``bf16_``-prefixed name, and vice versa."""
     ckpt_engine = getattr(engine, "checkpoint_engine", None)
     if ckpt_engine is None or not hasattr(ckpt_engine, "load"):
         yield
@@ -109,6 +110,11 @@ def safe_deepspeed_loads(engine) -> Iterator[None]:
     original = ckpt_engine.load
 
     def _safe(path, map_location=None, *args, **kwargs):
+        path = pathlib.Path(path)
+        if not path.exists():  # ZeRO optimizer files are "bf16_"-prefixed in bf16 runs only: take the other name
+            other = path.with_name(path.name[5:] if path.name.startswith("bf16_") else "bf16_" + path.name)
+            if other.is_file() and "zero_pp_rank_" in path.name:
+                path = other
         return load(path, allow_deepspeed=True)
 
     ckpt_engine.load = _safe

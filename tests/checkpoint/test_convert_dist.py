@@ -15,7 +15,7 @@ import torch
 
 from dist_harness import run_ranks
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(2400)]  # one shared fixture runs every world
 
 SMALL = ["backbone.depth=2", "backbone.width=32", "backbone.num_heads=2", "head.depth=1", "head.width=32",
          "head.num_heads=2", "head.timesteps=2", "head.supervised=4", "train.global_batch_size=16",
@@ -123,7 +123,7 @@ def _world4(rank, world_size, tmp):
     cfg = _cfg(4, "parallel.tensor=2", "parallel.zero_stage=3", f"run_dir={tmp}/ref", f"checkpoint.resume={step3}")
     engine, ema, ckpt = _engine(cfg)
     ckpt.load(engine, ema=ema)
-    labels = torch.arange(4) % 10
+    labels = torch.tensor([3, 7])
     engine.eval()
     with ema.swap(engine):
         from_ckpt = _generate(engine.module, labels, seed=5)

@@ -65,3 +65,21 @@ def test_rng_state_round_trips_through_weights_only(single_rank, tmp_path):
 
 def test_unpickling_error_type_is_kept():
     assert issubclass(safe_load.UnsafeCheckpointError, pickle.UnpicklingError)
+
+
+def test_deepspeed_loads_go_through_the_allowlist_and_find_the_other_precision_name(tmp_path):
+    class _Engine:
+        class checkpoint_engine:  # noqa: N801 - mimics DeepSpeed's attribute
+            @staticmethod
+            def load(path, map_location=None):
+                raise AssertionError("DeepSpeed's own (weights_only=False) load must not run")
+
+    plain = tmp_path / "zero_pp_rank_0_mp_rank_00_optim_states.pt"
+    torch.save({"optimizer_state_dict": {"x": torch.ones(2)}}, plain)
+    engine = _Engine()
+    with safe_load.safe_deepspeed_loads(engine):
+        got = engine.checkpoint_engine.load(str(tmp_path / ("bf16_" + plain.name)), map_location="cpu")
+    assert torch.equal(got["optimizer_state_dict"]["x"], torch.ones(2))
+    torch.save({"rng": _RunsCode()}, plain)
+    with safe_load.safe_deepspeed_loads(engine), pytest.raises(safe_load.UnsafeCheckpointError):
+        engine.checkpoint_engine.load(str(plain))
