@@ -42,6 +42,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default=None, help="root of the run directories (default runs/ablate/<grid name>)")
     p.add_argument("--quick", action="store_true", help="apply the grid's 'quick' overrides and run its first seed only")
     p.add_argument("--only", default=None, metavar="V1,V2", help="run only these variants (the report shows all)")
+    p.add_argument("--seeds", default=None, metavar="S1,S2", help="use only these of the grid's seeds (runs and report)")
     p.add_argument("--list", action="store_true", help="list the runs and their state, run nothing")
     p.add_argument("--report-only", action="store_true", help="write the report from what the runs left, run nothing")
     p.add_argument("--report", default=None, metavar="FILE.md", help="report path (default OUT/report.md); its plots "
@@ -76,6 +77,8 @@ def _say(msg: str) -> None:
 
 def _main(args) -> int:
     grid = load_grid(args.grid, args.overrides)
+    if args.seeds:
+        grid.restrict_seeds([int(x) for x in args.seeds.split(",") if x.strip()])
     out = os.path.abspath(args.out or os.path.join("runs", "ablate", grid.name + ("-quick" if args.quick else "")))
     specs = grid.runs(out, quick=args.quick)
     launcher = shlex.split(args.launcher) if args.launcher else default_launcher()
@@ -189,6 +192,7 @@ def _submit(grid, specs, todo, out, args) -> int:
 
     indices = [specs.index(s) for s in todo if run_state(s) != DONE]
     tool_args = [*args.overrides] + (["--quick"] if args.quick else []) + \
+        (["--seeds", args.seeds] if args.seeds else []) + \
         (["--launcher", args.launcher] if args.launcher else [])
     python = os.path.join(REPO, ".venv", "bin", "python") if os.path.isfile(
         os.path.join(REPO, ".venv", "bin", "python")) else sys.executable

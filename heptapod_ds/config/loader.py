@@ -246,6 +246,11 @@ def validate(cfg: HeptapodConfig, world_size: Optional[int] = None) -> HeptapodC
         err(f"head.timesteps={head.timesteps} exceeds the {n_tok} positions of the grid.")
     if not 0.0 <= bb.class_dropout < 1.0:
         err(f"backbone.class_dropout={bb.class_dropout} must be in [0, 1).")
+    if cfg.eval.every < 0:
+        err(f"eval.every={cfg.eval.every} must be >= 0 (0 = evaluate only at the end).")
+    elif cfg.eval.every and cfg.sampling.eval_per_class <= 0:
+        err(f"eval.every={cfg.eval.every} needs sampling.eval_per_class > 0 (the samples per class every evaluation "
+            f"draws); set e.g. sampling.eval_per_class=100, or eval.every=0.")
     if not 0.0 <= cfg.train.ema_decay < 1.0:
         err(f"train.ema_decay={cfg.train.ema_decay} must be in [0, 1) (0 disables the EMA).")
 

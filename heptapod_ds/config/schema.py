@@ -125,7 +125,6 @@ class TrainConfig:
     seed: int = F(0, "Seed of parameters, noise and dropout.")
     ema_decay: float = F(0.999, "Decay of the exponential moving average of the weights (0 = off).")
     max_nonfinite: int = F(5, "Stop after this many non-finite losses in a row.")
-    sample_every: int = F(0, "Draw a sample grid every N steps (0 = only at the end).")
 
 
 @dataclass
@@ -170,8 +169,14 @@ class SamplingConfig:
     top_k: int = F(0, "Top-k filter for discrete tokens (0 = off).")
     seed: int = F(0, "Seed of the sampler.")
     use_ema: bool = F(True, "Sample with the EMA weights when available.")
-    eval_per_class: int = F(100, "Samples per class drawn at the end of training to score a digits run "
-                            "(0 = no final sampling).")
+    eval_per_class: int = F(100, "Samples per class drawn at every evaluation (eval.every) and at the end of "
+                            "training to score a digits run (0 = no sampling at the end).")
+
+
+@dataclass
+class EvalConfig:
+    every: int = F(0, "Sample and score every N optimizer steps, with the same per-image seeds each time (0 = only "
+                   "at the end); scores go to metrics.jsonl and wandb with the images seen and training FLOPs.")
 
 
 @dataclass
@@ -190,6 +195,7 @@ class HeptapodConfig:
     checkpoint: CheckpointConfig = F(CheckpointConfig, "Checkpointing and resume.")
     logging: LoggingConfig = F(LoggingConfig, "Metrics and progress output.")
     sampling: SamplingConfig = F(SamplingConfig, "Sampling and FID.")
+    eval: EvalConfig = F(EvalConfig, "Periodic sampling and scoring during training.")
 
     @property
     def token_type(self) -> str:
@@ -209,6 +215,7 @@ SECTION_TYPES = {
     "checkpoint": CheckpointConfig,
     "logging": LoggingConfig,
     "sampling": SamplingConfig,
+    "eval": EvalConfig,
 }
 
 CHOICES = {

@@ -63,6 +63,13 @@ class Grid:
     variants: Dict[str, Dict[str, Any]]  # insertion order = report order
     extra: Dict[str, Any] = field(default_factory=dict)  # command-line overrides for every run
 
+    def restrict_seeds(self, seeds: Sequence[int]) -> None:
+        """Keep only ``seeds`` (each must be one of the grid's)."""
+        unknown = [s for s in seeds if s not in self.seeds]
+        if unknown or not seeds:
+            raise GridError(f"--seeds {list(seeds)}: the grid's seeds are {self.seeds}; pick among them.")
+        self.seeds = [s for s in self.seeds if s in seeds]
+
     def variants_as_strings(self) -> Dict[str, Dict[str, str]]:
         return {v: {k: format_value(x) for k, x in o.items()} for v, o in self.variants.items()}
 

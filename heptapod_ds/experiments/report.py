@@ -80,7 +80,8 @@ def render(grid: Grid, variants: Sequence[VariantResult], plots: Dict[Tuple[str,
     rows = []
     for v in variants:
         row = [f"`{v.name}`", _overrides(v.overrides), f"{len(v.done_runs)}/{len(v.runs)}",
-               fmt_stat(v.mean_of("steps"), 0), fmt_stat(v.mean_of("train_flops"), flops=True)]
+               fmt_num(getattr(v.mean_of("steps"), "mean", None), 0),
+               fmt_flops(getattr(v.mean_of("train_flops"), "mean", None))]
         for k in keys:
             row += [fmt_stat(v.stat("final", k)), fmt_stat(v.stat("best", k))]
         row += [fmt_s(getattr(v.summary_mean("train_wall_s"), "mean", None)),

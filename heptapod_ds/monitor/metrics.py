@@ -31,7 +31,8 @@ def _clean(value: Any) -> Any:
 
 
 class MetricsSink:
-    """Append-only metrics: ``log(step, {...})``; safe to reopen after a resume (appends)."""
+    """Append-only metrics: ``log(step, {...})``; reopened at ``resume_step`` it drops the lines logged after
+    that step (the resumed run logs them again), so the file never holds two histories."""
 
     def __init__(self, path: Optional[str], enabled: bool = True, wandb_mode: str = "disabled",
                  wandb_project: str = "heptapod", run_name: Optional[str] = None,
@@ -43,7 +44,7 @@ class MetricsSink:
             return
         if path:
             os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-            if resume_step > 0 and os.path.exists(path):
+            if os.path.exists(path):  # a fresh start (step 0) in an old run directory starts a fresh file too
                 _truncate_after(path, resume_step)
             self._fh = open(path, "a", buffering=1)
         mode = resolve_wandb_mode(wandb_mode)

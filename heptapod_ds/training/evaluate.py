@@ -9,6 +9,7 @@ number of data-parallel ranks or on the batch size.
 from __future__ import annotations
 
 import contextlib
+import functools
 import os
 import time
 from typing import Dict
@@ -60,13 +61,27 @@ def _generate(trainer, labels: torch.Tensor) -> torch.Tensor:
     return tok.decode(tokens.cpu()).float().clamp(0, 1)
 
 
+@functools.lru_cache(maxsize=1)
+def _digits_judge():
+    """The digits classifier, trained once per process (seeded: every evaluation scores alike)."""
+    from heptapod_ds.evaluation import DigitsJudge
+
+    return DigitsJudge(seed=0)
+
+
 def sample_and_score(trainer, final: bool) -> Dict[str, float]:
-    from heptapod_ds.evaluation import DigitsJudge, save_class_grid
+    """Sample, save the grid, score, and log one evaluation record at the trainer's step.
+
+    Every evaluation of a run draws the same labels with the same per-image seeds, so the points of
+    a curve differ only by the weights; the record carries the images seen and the training FLOPs so
+    far (functions of the step, hence identical after a resume).
+    """
+    from heptapod_ds.evaluation import save_class_grid
 
     cfg = trainer.cfg
     num_classes = min(cfg.backbone.num_classes, 10)  # the grid shows the first ten classes
     on_digits = cfg.data.path == "digits"
-    per_class = max(cfg.sampling.eval_per_class, GRID_PER_CLASS) if (final and on_digits) else GRID_PER_CLASS
+    per_class = max(cfg.sampling.eval_per_class, GRID_PER_CLASS) if on_digits else GRID_PER_CLASS
     labels = torch.arange(num_classes).repeat_interleave(per_class)
     t0 = time.time()
     images = _generate(trainer, labels)
@@ -81,16 +96,17 @@ def sample_and_score(trainer, final: bool) -> Dict[str, float]:
     path = save_class_grid(images[grid_idx].numpy(), os.path.join(cfg.run_dir, name), nrow=GRID_PER_CLASS,
                            upscale=upscale)
     log.info("wrote %s (%d samples in %.1fs)", path, labels.numel(), sample_s)
+    record: Dict[str, float] = {"eval_samples": int(labels.numel()), **trainer.progress(), "sample_s": sample_s}
     if on_digits and images.shape[1] == 1 and images.shape[-1] == 8:
-        judge = DigitsJudge(seed=0)
+        judge = _digits_judge()
         score = judge.score(images.numpy(), labels.numpy())
         ref = judge.reference()
         summary.update(score.as_dict())
         summary.update(reference_class_consistency=ref.class_consistency,
                        reference_frechet_distance=ref.frechet_distance)
-        trainer.metrics.log(trainer.step, {"class_consistency": score.class_consistency,
-                                           "frechet_distance": score.frechet_distance})
+        record.update(class_consistency=score.class_consistency, frechet_distance=score.frechet_distance)
         log.info("digits quality at step %d: class-consistency %.3f, Fréchet distance %.3f (real held-out: %.3f, "
                  "%.3f)", trainer.step, score.class_consistency, score.frechet_distance, ref.class_consistency,
                  ref.frechet_distance)
+    trainer.metrics.log(trainer.step, record)
     return summary

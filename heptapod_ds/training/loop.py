@@ -62,16 +62,19 @@ class Trainer:
 
         self.step = 0
         position = {"epoch": 0, "micro_step": 0}
+        self.wall_s = {"train": 0.0, "eval": 0.0}  # summed over resumed attempts; training excludes evaluation
         state = self.ckpt.load(self.engine, ema=self.ema)
         if state is not None:
             self.step = int(state["step"])
             position = resume_micro_step(state["data"], cfg)
             self.nonfinite.load_state_dict(state["nonfinite"])
+            self.wall_s.update(state.get("wall_s", {}))
             log.info("resumed at step %d (epoch %d, micro-step %d)", self.step, position["epoch"],
                      position["micro_step"])
         self.stream = BatchStream(cfg, self.info.dp_rank, self.info.dp_size, **position)
 
         flops = float(train_flops_per_image(cfg))
+        self.flops_per_image = flops
         self.meter = ThroughputMeter(flops, cfg.tokenizer.num_tokens, self.info.world_size,
                                      peak_tflops(cfg.logging.peak_tflops))
         self.metrics = MetricsSink(os.path.join(cfg.run_dir, "metrics.jsonl"), enabled=parallel_state.is_rank0(),
@@ -110,7 +113,19 @@ class Trainer:
         return loss
 
     def _client_state(self) -> Dict:
-        return {"step": self.step, "data": self.stream.position(), "nonfinite": self.nonfinite.state_dict()}
+        return {"step": self.step, "data": self.stream.position(), "nonfinite": self.nonfinite.state_dict(),
+                "wall_s": self._wall()}
+
+    def progress(self) -> Dict[str, float]:
+        """How far training has got, in the units curves are drawn against (identical after a resume)."""
+        images = self.step * self.cfg.train.global_batch_size
+        return {"images_seen": images, "train_flops": images * self.flops_per_image}
+
+    def _wall(self) -> Dict[str, float]:
+        """Wall seconds so far, all attempts: training (checkpoints included) and evaluation apart."""
+        now = time.time()
+        return {"train": self._wall0["train"] + (now - self._t_segment) - self._eval_segment,
+                "eval": self._wall0["eval"] + self._eval_segment}
 
     # ------------------------------------------------------------------ the loop
     def run(self) -> int:
@@ -121,7 +136,7 @@ class Trainer:
         cfg = self.cfg
         bar = tqdm(total=cfg.train.steps, initial=self.step, desc="train", dynamic_ncols=True,
                    disable=not (parallel_state.is_rank0() and cfg.logging.progress_bar))
-        t_start = time.time()
+        self._wall0, self._t_segment, self._eval_segment = dict(self.wall_s), time.time(), 0.0
         exit_code = 0
         last_loss: Optional[float] = None
         while self.step < cfg.train.steps:
@@ -141,8 +156,8 @@ class Trainer:
                 bar.set_postfix(loss=f"{result.loss:.4f}")
                 if self.step % cfg.logging.log_every == 0 or self.step == cfg.train.steps:
                     self._log(result)
-                if cfg.train.sample_every and self.step % cfg.train.sample_every == 0:
-                    self.evaluate(final=False)
+                if cfg.eval.every and self.step % cfg.eval.every == 0 and self.step < cfg.train.steps:
+                    self.evaluate(final=False)  # the last step is scored by the final evaluation
             if self.preempt.should_stop():
                 log.warning("%s received: saving at step %d, exiting with status %d (requeue)",
                             self.preempt.signal_name or "preemption signal", self.step, self.preempt.exit_code)
@@ -158,7 +173,9 @@ class Trainer:
             if latest is None or latest.name != f"global_step{self.step}":
                 self._save(reason="final")
             summary = self.evaluate(final=True) if cfg.sampling.eval_per_class > 0 else {}
-            summary.update(steps=self.step, final_loss=last_loss, train_wall_s=time.time() - t_start,
+            wall = self._wall()
+            summary.update(steps=self.step, final_loss=last_loss, train_wall_s=wall["train"], eval_wall_s=wall["eval"],
+                           train_flops_per_image=self.flops_per_image, **self.progress(),
                            nonfinite_skipped=self.nonfinite.total_skipped)
             if parallel_state.is_rank0():
                 _atomic_write(os.path.join(cfg.run_dir, "summary.json"), json.dumps(summary, indent=2) + "\n")
@@ -185,4 +202,9 @@ class Trainer:
     def evaluate(self, final: bool) -> Dict[str, float]:
         from .evaluate import sample_and_score
 
-        return sample_and_score(self, final=final)
+        t0 = time.time()
+        try:
+            return sample_and_score(self, final=final)
+        finally:
+            if hasattr(self, "_t_segment"):
+                self._eval_segment += time.time() - t0
