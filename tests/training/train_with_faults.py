@@ -48,4 +48,7 @@ if __name__ == "__main__":
     if os.environ.get("HEPTAPOD_FAULT"):
         _install(os.environ["HEPTAPOD_FAULT"])
     from heptapod_ds.train import main
-    sys.exit(main(sys.argv[1:]))
+    argv = sys.argv[1:]
+    if argv and argv[0].endswith("train.py"):  # used as tools/ablate.py --launcher, which names train.py first
+        argv = argv[1:]
+    sys.exit(main(argv))
