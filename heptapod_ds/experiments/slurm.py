@@ -36,7 +36,7 @@ def array_script(grid_path: str, out_dir: str, indices: Sequence[int], job_name:
 #SBATCH --signal=USR1@600
 #SBATCH --output={logs}/%x-%A_%a.out
 {extra}set -uo pipefail
-cd {shlex.quote(repo)}
+cd {shlex.quote(repo)} || exit 2
 # The trainer's status for "stopped by a preemption signal, checkpoint saved".
 REQUEUE_EXIT=75
 srun --ntasks=1 {task} --task "$SLURM_ARRAY_TASK_ID"

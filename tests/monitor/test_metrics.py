@@ -51,3 +51,14 @@ def test_non_zero_ranks_only_warn(monkeypatch):
     monkeypatch.setenv("RANK", "0")
     setup_logging()
     assert logging.getLogger().level == logging.INFO
+
+
+def test_fresh_start_in_an_old_run_directory_starts_a_fresh_file(tmp_path):
+    path = tmp_path / "m.jsonl"
+    sink = MetricsSink(str(path))
+    sink.log(1, {"loss": 1.0})
+    sink.close()
+    again = MetricsSink(str(path), resume_step=0)  # no checkpoint: training restarts at step 0
+    again.log(1, {"loss": 2.0})
+    again.close()
+    assert [r["loss"] for r in read_metrics(str(path))] == [2.0]
