@@ -125,8 +125,9 @@ def _main(args) -> int:
         if attempt.rc == 0:
             _say(f"[{n}/{len(todo)}] {spec.name}: done in {attempt.wall_s:.0f} s")
         elif attempt.rc == REQUEUE_EXIT or attempt.signalled:
-            _say(f"[{n}/{len(todo)}] {spec.name}: stopped by a signal (exit {attempt.rc}), checkpoint saved; repeat "
-                 f"the command to resume")
+            saved = "checkpoint saved" if attempt.rc == REQUEUE_EXIT else "stopped before it could save"
+            _say(f"[{n}/{len(todo)}] {spec.name}: stopped by a signal (exit {attempt.rc}, {saved}); repeat the "
+                 f"command to resume from its newest checkpoint")
             if args.task is None:
                 _report(grid, specs, out, args)
             return REQUEUE_EXIT
