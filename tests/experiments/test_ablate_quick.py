@@ -16,7 +16,7 @@ FAULTS = os.path.join(REPO, "tests", "training", "train_with_faults.py")
 REQUEUE = 75
 
 
-def _ablate(*args, fault=None, timeout=600):
+def _ablate(*args, fault=None, timeout=1500):
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
     for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT", "HEPTAPOD_FAULT"):
         env.pop(k, None)
