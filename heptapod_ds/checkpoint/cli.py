@@ -44,10 +44,43 @@ def _module_counts(names_numels) -> "OrderedDict[str, int]":
     return out
 
 
-def _peak_rss_mib() -> float:
+class _AnonPeak:
+    """Peak anonymous memory (``RssAnon``) of this process, sampled by a thread: ``ru_maxrss`` also counts
+    the pages of memory-mapped checkpoint files, which the kernel drops under pressure."""
+
+    def __init__(self, interval: float = 0.05):
+        import threading
+
+        self.peak_kib = 0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, args=(interval,), daemon=True)
+        self._thread.start()
+
+    def sample(self) -> None:
+        try:
+            with open("/proc/self/status") as fh:
+                for line in fh:
+                    if line.startswith("RssAnon:"):
+                        self.peak_kib = max(self.peak_kib, int(line.split()[1]))
+        except OSError:
+            pass
+
+    def _run(self, interval: float) -> None:
+        while not self._stop.wait(interval):
+            self.sample()
+
+
+_ANON: Optional[_AnonPeak] = None
+
+
+def _peak_rss_mib() -> str:
     import resource
 
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
+    if _ANON is None:
+        return f"{rss:.0f} MiB"
+    _ANON.sample()
+    return f"{rss:.0f} MiB (anonymous {_ANON.peak_kib / 1024.0:.0f} MiB)"
 
 
 # --------------------------------------------------------------------------- commands
@@ -74,7 +107,7 @@ def cmd_to_release(args) -> int:
     with staged_dir(args.out, args.force) as tmp:
         write_release(tmp, tensors, src.cfg, source=source, weights=weights, dtype=args.dtype,
                       extra={"ema": src.ema_counters() if weights == "ema" else None})
-    log.info("wrote release %s (%d tensors, %.3fM parameters) in %.1fs, peak RSS %.0f MiB", args.out,
+    log.info("wrote release %s (%d tensors, %.3fM parameters) in %.1fs, peak RSS %s", args.out,
              len(tensors), sum(t.numel() for t in tensors.values()) / 1e6, time.perf_counter() - t0,
              _peak_rss_mib())
     return 0
@@ -254,7 +287,10 @@ def _add_writers(sub) -> None:
 def main(argv: Optional[List[str]] = None) -> int:
     import warnings
 
+    global _ANON
     args = build_parser().parse_args(argv)
+    if _ANON is None:
+        _ANON = _AnonPeak()
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     warnings.filterwarnings("ignore", category=UserWarning, module=r"megatron(\.|$)")

@@ -25,7 +25,7 @@ import torch
 from heptapod_ds.engine.checkpoint import META
 
 from . import zero_layout as zl
-from .names import ParamSpec, group_order, is_extra_state
+from .names import ParamSpec, group_order
 
 log = logging.getLogger(__name__)
 
@@ -109,6 +109,7 @@ class LayoutWriter:
         self.dir = out_ckpts / self.tag
         self.dir.mkdir(parents=True)
         self.progress = progress
+        self._tensors: Dict[str, Optional[Dict[str, torch.Tensor]]] = {}
         sched = state.scheduler or fresh_scheduler_state(state.cfg, len(self.groups))
         if len(sched.get("base_lrs", [])) != len(self.groups):
             raise ValueError(f"the LR schedule state has {len(sched.get('base_lrs', []))} groups, the model "
@@ -121,22 +122,31 @@ class LayoutWriter:
     # ------------------------------------------------------------------ tensors
     def _local(self, kind: str, spec: ParamSpec, tp_rank: int) -> torch.Tensor:
         """This TP rank's shard of ``spec`` for ``kind`` (zeros for a fresh optimizer state)."""
-        full = self._kind(kind).get(spec.name) if self._kind(kind) is not None else None
+        if kind not in self._tensors:
+            self._tensors[kind] = self.s.tensors(kind)  # memory-mapped or in memory, as the caller hands it
+        tensors = self._tensors[kind]
+        full = tensors.get(spec.name) if tensors is not None else None
         if full is None:
             return torch.zeros(spec.local_shape(self.tp))
         return spec.shard(full, self.tp, tp_rank)
 
-    def _kind(self, kind: str):
-        if not hasattr(self, "_cache"):
-            self._cache = {}
-        if kind not in self._cache:
-            self._cache[kind] = self.s.tensors(kind)
-        return self._cache[kind]
+    def _owned(self, kind: str, spec: ParamSpec, tp_rank: int) -> torch.Tensor:
+        """A tensor to save on its own: a TP shard is copied (``torch.save`` of a view writes the whole
+        storage); an unsplit tensor is saved as is (from the memory-mapped canonical file, no copy)."""
+        t = self._local(kind, spec, tp_rank)
+        return t.clone() if (spec.split_dim is not None and self.tp > 1) else t
 
-    def _flat_slice(self, kind: str, specs: List[ParamSpec], tp_rank: int, start: int, length: int) -> torch.Tensor:
-        """Elements [start, start+length) of the concatenation of ``specs``' local shards (flattened)."""
-        out = torch.zeros(length)
-        if length == 0:
+    def _has(self, kind: str) -> bool:
+        if kind not in self._tensors:
+            self._tensors[kind] = self.s.tensors(kind)
+        return self._tensors[kind] is not None
+
+    def _flat_slice(self, kind: str, specs: List[ParamSpec], tp_rank: int, start: int, length: int,
+                    pad: int = 0) -> torch.Tensor:
+        """Elements [start, start+length) of the concatenation of ``specs``' local shards (flattened), then
+        ``pad`` zeros: one allocation, filled parameter by parameter."""
+        out = torch.zeros(length + pad)
+        if length == 0 or not self._has(kind):
             return out
         offset = 0
         for spec in specs:
@@ -148,6 +158,20 @@ class LayoutWriter:
             offset += n
             if offset >= start + length:
                 break
+        return out
+
+    def _zero3_flat(self, kind: str, specs: List[ParamSpec], r: int, d: int) -> torch.Tensor:
+        """DP rank d's ZeRO-3 pieces of ``specs`` (each padded to ceil(numel / dp)), concatenated."""
+        sizes = [zl.zero3_piece(int(torch.Size(s.local_shape(self.tp)).numel()), self.dp) for s in specs]
+        out = torch.zeros(sum(sizes))
+        if not self._has(kind):
+            return out
+        offset = 0
+        for spec, k in zip(specs, sizes):
+            local = self._local(kind, spec, r).reshape(-1)
+            part = local[d * k:(d + 1) * k]
+            out[offset:offset + part.numel()] = part
+            offset += k
         return out
 
     # ------------------------------------------------------------------ files
@@ -193,7 +217,7 @@ class LayoutWriter:
             elif placeholders:
                 module[k] = torch.empty(0)
             else:
-                module[k] = self._local("fp32", by_name[k], tp_rank).clone()
+                module[k] = self._owned("fp32", by_name[k], tp_rank)
         return module
 
     def _param_shapes(self, sub_groups: List[List[ParamSpec]]):
@@ -231,8 +255,8 @@ class LayoutWriter:
         order = [s for g in self.groups for s in g]
         state = {}
         for i, spec in enumerate(order):
-            state[i] = {"step": self._step_tensor(), "exp_avg": self._local("exp_avg", spec, r).clone(),
-                        "exp_avg_sq": self._local("exp_avg_sq", spec, r).clone()}
+            state[i] = {"step": self._step_tensor(), "exp_avg": self._owned("exp_avg", spec, r),
+                        "exp_avg_sq": self._owned("exp_avg_sq", spec, r)}
         groups, i = [], 0
         for g, pg in zip(self.groups, self.param_groups):
             groups.append(dict(pg, params=list(range(i, i + len(g)))))
@@ -254,10 +278,8 @@ class LayoutWriter:
                 start, length, pad = zl.zero12_slice(total, self.dp, d)
                 lean.append(self._flat_slice("fp32", specs, r, start, length))
                 state[gi] = {"step": self._step_tensor(),
-                             "exp_avg": torch.cat([self._flat_slice("exp_avg", specs, r, start, length),
-                                                   torch.zeros(pad)]),
-                             "exp_avg_sq": torch.cat([self._flat_slice("exp_avg_sq", specs, r, start, length),
-                                                      torch.zeros(pad)])}
+                             "exp_avg": self._flat_slice("exp_avg", specs, r, start, length, pad),
+                             "exp_avg_sq": self._flat_slice("exp_avg_sq", specs, r, start, length, pad)}
                 paddings.append(pad)
                 mapping, offset = OrderedDict(), 0
                 for spec, n in zip(specs, numels[gi]):
@@ -290,14 +312,6 @@ class LayoutWriter:
         self._sub_owner = owner
         return subs
 
-    def _zero3_piece(self, kind: str, spec: ParamSpec, r: int, d: int) -> torch.Tensor:
-        local = self._local(kind, spec, r).reshape(-1)
-        k = zl.zero3_piece(local.numel(), self.dp)
-        piece = torch.zeros(k)
-        part = local[d * k:(d + 1) * k]
-        piece[:part.numel()] = part
-        return piece
-
     def _zero3(self, r: int) -> None:
         from deepspeed.runtime.zero.config import ZeroStageEnum
 
@@ -307,10 +321,9 @@ class LayoutWriter:
                        zl.model_file(3, r, d))
             flats, state = [], {}
             for si, specs in enumerate(subs):
-                flats.append(torch.cat([self._zero3_piece("fp32", s, r, d) for s in specs]))
-                state[si] = {"step": self._step_tensor(),
-                             "exp_avg": torch.cat([self._zero3_piece("exp_avg", s, r, d) for s in specs]),
-                             "exp_avg_sq": torch.cat([self._zero3_piece("exp_avg_sq", s, r, d) for s in specs])}
+                flats.append(self._zero3_flat("fp32", specs, r, d))
+                state[si] = {"step": self._step_tensor(), "exp_avg": self._zero3_flat("exp_avg", specs, r, d),
+                             "exp_avg_sq": self._zero3_flat("exp_avg_sq", specs, r, d)}
             groups = [dict(pg, params=[si for si, o in enumerate(self._sub_owner) if o == gi])
                       for gi, pg in enumerate(self.param_groups)]
             osd = {"zero_stage": ZeroStageEnum.weights, "loss_scaler": self._loss_scaler(),
@@ -332,9 +345,9 @@ class LayoutWriter:
         for name in order:
             spec = by_name[name]
             if partitioned:
-                shadow.append(self._zero3_piece("ema", spec, r, d))
+                shadow.append(self._zero3_flat("ema", [spec], r, d))
             else:
-                shadow.append(self._local("ema", spec, r).clone())
+                shadow.append(self._owned("ema", spec, r))
         return {"decay": float(self.s.ema["decay"]), "num_updates": int(self.s.ema["num_updates"]),
                 "partitioned": partitioned, "names": list(order), "shadow": shadow}
 

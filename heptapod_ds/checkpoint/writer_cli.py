@@ -141,7 +141,7 @@ def cmd_reshard(args) -> int:
                           client_state=client,
                           source={"path": str(src.dir.resolve()), "step": src.step, "layout": src.layout()})
     tag = _write_run(out, args.force, state, tcfg, "write", spill=spill)
-    log.info("wrote %s in %.1fs, peak RSS %.0f MiB; resume with run_dir=%s", tag, time.perf_counter() - t0,
+    log.info("wrote %s in %.1fs, peak RSS %s; resume with run_dir=%s", tag, time.perf_counter() - t0,
              _peak_rss_mib(), out)
     return 0
 
@@ -199,7 +199,7 @@ def cmd_from_release(args) -> int:
                                         "nonfinite": {"in_a_row": 0, "total_skipped": 0}},
                           source={"release": str(pathlib.Path(args.release).resolve())})
     tag = _write_run(out, args.force, state, tcfg, "write")
-    log.info("wrote %s in %.1fs, peak RSS %.0f MiB (fresh optimizer); train with run_dir=%s", tag,
+    log.info("wrote %s in %.1fs, peak RSS %s (fresh optimizer); train with run_dir=%s", tag,
              time.perf_counter() - t0, _peak_rss_mib(), out)
     print(json.dumps({"checkpoint": str(tag)}))
     return 0
