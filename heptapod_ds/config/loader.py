@@ -309,9 +309,34 @@ def validate(cfg: HeptapodConfig, world_size: Optional[int] = None) -> HeptapodC
             par.world_size = ws
     if tr.grad_accum < 0:
         err(f"train.grad_accum={tr.grad_accum} must be >= 0 (0 = derived from the global batch).")
+    _validate_eval(cfg, err)
     if errors:
         raise ConfigError(_format(errors))
     return cfg
+
+
+def _validate_eval(cfg: HeptapodConfig, err) -> None:
+    """In-training FID: sizes, the reference file (readable, with mu/sigma) and the extractor file."""
+    ev = cfg.eval
+    if ev.fid_every < 0:
+        err(f"eval.fid_every={ev.fid_every} must be >= 0 (0 = no in-training FID).")
+    if ev.fid_every <= 0:
+        return
+    if ev.fid_samples < cfg.backbone.num_classes:
+        err(f"eval.fid_samples={ev.fid_samples} is fewer than the {cfg.backbone.num_classes} classes; "
+            f"draw at least one image per class.")
+    if ev.fid_ref:
+        from heptapod_ds.evaluation.ref_stats import load_ref_stats
+
+        try:
+            load_ref_stats(os.path.expanduser(ev.fid_ref))
+        except (ValueError, FileNotFoundError) as e:
+            err(f"eval.fid_ref: {e}")
+    elif cfg.data.path != "digits":
+        err("eval.fid_every > 0 needs eval.fid_ref (reference statistics .npz with mu and sigma; build one with "
+            "tools/ref_stats.py).")
+    if ev.fid_inception != "bundled" and not os.path.isfile(os.path.expanduser(ev.fid_inception)):
+        err(f"eval.fid_inception={ev.fid_inception!r} is neither 'bundled' nor an existing weights file.")
 
 
 def _format(errors: List[str]) -> str:

