@@ -69,15 +69,11 @@ def main(argv=None) -> int:
         return 2
     finally:
         parallel_state.destroy()
-    if parallel_state_rank0(result):
+    if result:  # rank 0 returns result.json's content, the other ranks nothing
         keys = [k for k in ("fid", "inception_score", "digits") if k in result]
         print("result: " + ", ".join(f"{k}={result[k]}" for k in keys) if keys else "result: samples written")
         print(f"wrote {os.path.join(args.out, 'samples.npz')}, grid.png, result.json")
     return 0
-
-
-def parallel_state_rank0(result) -> bool:
-    return bool(result) and "num_samples" in result
 
 
 if __name__ == "__main__":

@@ -21,7 +21,7 @@ import hashlib
 import json
 import os
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from typing import Dict, List, Optional
 
 import numpy as np
@@ -57,7 +57,6 @@ class FidSettings:
     digits_metrics: str = "auto"        # auto | on | off
     inception_batch_size: int = 50
     progress: bool = True
-    extra: Dict = field(default_factory=dict)
 
 
 def to_uint8_hwc(images: torch.Tensor) -> np.ndarray:
@@ -97,7 +96,7 @@ def _agree_on_error(err: Optional[BaseException]) -> None:
         dist.all_gather_object(msgs, None if err is None else f"{type(err).__name__}: {err}")
         bad = [(r, m) for r, m in enumerate(msgs) if m]
         if bad and err is None:
-            raise RuntimeError(f"rank {bad[0][0]} failed: {bad[0][1]}")
+            raise ValueError(f"rank {bad[0][0]} failed: {bad[0][1]}")
     if err is not None:
         raise err
 
