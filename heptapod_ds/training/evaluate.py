@@ -168,12 +168,8 @@ def fid_during_training(trainer) -> Dict[str, float]:
     if cfg.data.path == "digits" and size == 8:  # the same on every rank: all join the gather
         full = _gather_dp(_pad_to(torch.from_numpy(mine), per_rank))
         if parallel_state.is_rank0():
-            from heptapod_ds.evaluation import DigitsJudge
-
             imgs = full.reshape(-1, *mine.shape[1:])[:n].numpy()
-            if "judge" not in cache:
-                cache["judge"] = DigitsJudge(seed=0)
-            judge = cache["judge"]
+            judge = _digits_judge()
             score = judge.score(imgs[..., 0].astype(np.float64)[:, None] / 255.0,
                                 class_balanced_labels(n, cfg.backbone.num_classes).numpy())
             out.update(fid_digits_class_consistency=score.class_consistency,
