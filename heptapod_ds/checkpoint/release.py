@@ -118,6 +118,9 @@ def load_release_config(path):
     cfg.parallel.tensor, cfg.parallel.pipeline, cfg.parallel.world_size = 1, 1, 0
     cfg.train.grad_accum = 0
     cfg.parallel.ds_config = None
+    # files only the training machine had: the run's start release and its in-training FID inputs
+    cfg.checkpoint.from_release = None
+    cfg.eval.fid_every = 0
     return validate(cfg, world_size=1)
 
 

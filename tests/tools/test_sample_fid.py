@@ -134,8 +134,6 @@ def _run_inprocess(**kw):
 
 
 def test_bad_inputs_fail_before_sampling(release, tmp_path, single_rank):
-    from heptapod_ds.config.loader import to_dict
-
     bad_ref = tmp_path / "bad_ref.npz"
     np.savez(bad_ref, arr_0=np.zeros((2, 8, 8, 3), np.uint8))
     out = tmp_path / "o1"
@@ -145,25 +143,40 @@ def test_bad_inputs_fail_before_sampling(release, tmp_path, single_rank):
     with pytest.raises(ValueError, match="5 samples cannot cover 10 classes"):
         _run_inprocess(ckpt=str(release), num_samples=5, out=str(tmp_path / "o2"), inception="none")
     # a release whose model decodes through kl16 weights that are not on this machine
-    kl = tmp_path / "kl16_release"
-    kl.mkdir()
-    cfg_json = json.loads((release / "config.json").read_text())
-    cfg_json["config"]["tokenizer"].update(name="kl16", ckpt="/nowhere/kl16.ckpt", image_size=256, stride=16,
-                                           channels=16, scale_factor=0.2325)
-    import shutil
-
-    for f in ("model.safetensors", "release.json"):
-        shutil.copy(release / f, kl / f)
-    (kl / "config.json").write_text(json.dumps(cfg_json))
-    rel = json.loads((kl / "release.json").read_text())
-    from heptapod_ds.checkpoint.release import sha256_file
-
-    rel["files"]["config.json"] = {"size": (kl / "config.json").stat().st_size,
-                                   "sha256": sha256_file(kl / "config.json")}
-    (kl / "release.json").write_text(json.dumps(rel))
+    kl = _edit_release(release, tmp_path / "kl16_release", lambda c: c["tokenizer"].update(
+        name="kl16", ckpt="/nowhere/kl16.ckpt", image_size=256, stride=16, channels=16, scale_factor=0.2325))
     with pytest.raises(FileNotFoundError, match="kl16 tokenizer.*--tokenizer-ckpt"):
         _run_inprocess(ckpt=str(kl), num_samples=10, out=str(tmp_path / "o3"), inception="none")
     assert not (tmp_path / "o3").exists()
     with pytest.raises(FileNotFoundError, match="no such file or folder"):
         _run_inprocess(ckpt=str(tmp_path / "nothing"), num_samples=10, out=str(tmp_path / "o4"), inception="none")
-    assert to_dict  # config helpers import cleanly
+
+
+def test_release_of_a_run_with_training_only_files_loads(release, tmp_path):
+    """A run started from a release, with an in-training FID: those files stay on the training machine."""
+    from heptapod_ds.sampling.source import load_sampling_source
+
+    def edit(c):
+        c["eval"].update(fid_every=5, fid_ref="/train-machine/ref.npz")
+        c["checkpoint"]["from_release"] = "/train-machine/release"
+    src = load_sampling_source(str(_edit_release(release, tmp_path / "r", edit)))
+    assert src.cfg.eval.fid_every == 0 and src.kind == "release" and src.state
+
+
+def _edit_release(release, out, edit):
+    """A copy of ``release`` with ``edit(config dict)`` applied and release.json's hashes updated."""
+    import shutil
+
+    from heptapod_ds.checkpoint.release import sha256_file
+
+    out.mkdir()
+    cfg_json = json.loads((release / "config.json").read_text())
+    edit(cfg_json["config"])
+    for f in ("model.safetensors", "release.json"):
+        shutil.copy(release / f, out / f)
+    (out / "config.json").write_text(json.dumps(cfg_json))
+    rel = json.loads((out / "release.json").read_text())
+    rel["files"]["config.json"] = {"size": (out / "config.json").stat().st_size,
+                                   "sha256": sha256_file(out / "config.json")}
+    (out / "release.json").write_text(json.dumps(rel))
+    return out
