@@ -50,10 +50,6 @@ def parse_config(argv=None):
 
 def main(argv=None) -> int:
     _args, cfg = parse_config(argv)
-    if cfg.parallel.pipeline > 1:
-        print("error: parallel.pipeline > 1: the Heptapod model has no pipeline-stage split yet; train with "
-              "parallel.pipeline=1 (tensor parallelism and ZeRO-1/2/3 are supported).", file=sys.stderr)
-        return 2
     from heptapod_ds.distributed import parallel_state
     from heptapod_ds.monitor import setup_logging
     from heptapod_ds.training import Trainer

@@ -71,6 +71,8 @@ def _coerce(key: str, value: Any, t) -> Any:
             return float(value)
         except ValueError:
             pass
+    if t is str and key.endswith("pipeline_split") and isinstance(value, list):
+        return ",".join(str(v) for v in value)  # YAML: pipeline_split: [6, 6, 4, 4]
     if t is int and isinstance(value, bool):
         raise ConfigError(f"{key}: expected int, got bool {value!r}.")
     if isinstance(value, t):
@@ -271,14 +273,16 @@ def validate(cfg: HeptapodConfig, world_size: Optional[int] = None) -> HeptapodC
         ffn = int(sec.width * sec.mlp_ratio)
         if ffn % par.tensor:
             err(f"{name} FFN size {ffn} (width x mlp_ratio) is not divisible by parallel.tensor={par.tensor}.")
-    if bb.depth % par.pipeline:
-        err(f"backbone.depth={bb.depth} is not divisible by parallel.pipeline={par.pipeline}; "
-            f"each pipeline stage needs the same number of layers.")
     if par.zero_stage not in (0, 1, 2, 3):
         err(f"parallel.zero_stage={par.zero_stage} must be 0, 1, 2 or 3.")
-    if par.pipeline > 1 and par.zero_stage >= 2:
-        err(f"parallel.pipeline={par.pipeline} with parallel.zero_stage={par.zero_stage}: DeepSpeed does not "
-            f"support ZeRO-2/3 with pipeline parallelism. Use zero_stage 0 or 1, or pipeline=1.")
+    if par.pipeline > 1 and par.zero_stage == 3:
+        err(f"parallel.pipeline={par.pipeline} with parallel.zero_stage=3: ZeRO-3 gathers each layer's parameters "
+            f"inside its forward with collectives that every rank must join, which deadlocks when the stages run "
+            f"different layers. Use parallel.zero_stage=2 (gradients and optimizer states sharded) or 1 with "
+            f"pipeline parallelism, or pipeline=1 with ZeRO-3.")
+    err_split = _pipeline_split_problems(cfg)
+    if err_split:
+        err(err_split)
     rel = cfg.checkpoint.from_release
     if rel is not None and not (os.path.isfile(os.path.join(rel, "model.safetensors"))
                                 and os.path.isfile(os.path.join(rel, "config.json"))):
@@ -337,6 +341,17 @@ def _validate_eval(cfg: HeptapodConfig, err) -> None:
             "tools/ref_stats.py).")
     if ev.fid_inception != "bundled" and not os.path.isfile(os.path.expanduser(ev.fid_inception)):
         err(f"eval.fid_inception={ev.fid_inception!r} is neither 'bundled' nor an existing weights file.")
+
+
+def _pipeline_split_problems(cfg: HeptapodConfig) -> Optional[str]:
+    """The stage split must be computable (``auto``) or consistent with the model (explicit counts)."""
+    from heptapod_ds.pipeline.split import split_model
+
+    try:
+        split_model(cfg)
+    except ValueError as e:
+        return str(e)
+    return None
 
 
 def _format(errors: List[str]) -> str:

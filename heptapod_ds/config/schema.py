@@ -130,8 +130,12 @@ class TrainConfig:
 @dataclass
 class ParallelConfig:
     tensor: int = F(1, "Tensor-parallel size.")
-    pipeline: int = F(1, "Pipeline-parallel size.")
-    zero_stage: int = F(0, "DeepSpeed ZeRO stage (0-3); stages 2 and 3 need pipeline=1.")
+    pipeline: int = F(1, "Pipeline-parallel size (stages; Megatron-core's 1F1B schedule, one DeepSpeed engine "
+                      "per stage).")
+    pipeline_split: str = F("auto", "Layers per pipeline stage over backbone + head layers, e.g. 6,6,4,4 (the "
+                            "last stage also runs the per-token output; it may hold 0 layers), or auto "
+                            "(balance the training FLOPs).")
+    zero_stage: int = F(0, "DeepSpeed ZeRO stage (0-3); stage 3 needs pipeline=1.")
     world_size: int = F(0, "Total ranks; 0 = read from the launcher's environment.")
     backend: str = F("auto", "torch.distributed backend: auto (nccl with CUDA, gloo without), nccl or gloo.")
     precision: str = F("auto", "auto (bf16 on GPU, fp32 on CPU), bf16 or fp32.")

@@ -100,15 +100,17 @@ def initialize(tensor: int = 1, pipeline: int = 1, backend: str = "auto", seed: 
     return _INFO
 
 
-def seed_everything(seed: int) -> None:
+def seed_everything(seed: int, per_stage: bool = True) -> None:
     """Seed Python, numpy and torch for this rank, megatron-style.
 
     The default generator differs across pipeline stages (seed + 100 * pp_rank) and is shared by
     TP peers and DP replicas, so that TP peers draw identical noise; tensor-parallel regions fork a
-    per-TP-rank state (seed + 2718 + tp_rank) through megatron's RNG tracker.
+    per-TP-rank state (seed + 2718 + tp_rank) through megatron's RNG tracker. ``per_stage=False``
+    seeds every stage like stage 0: each stage then builds the whole model with the weights of a
+    PP=1 run before keeping its own part.
     """
     info = get_info()
-    stage_seed = seed + 100 * info.pp_rank
+    stage_seed = seed + 100 * info.pp_rank if per_stage else seed
     random.seed(stage_seed)
     np.random.seed(stage_seed % 2**32)
     torch.manual_seed(stage_seed)
@@ -120,12 +122,16 @@ def seed_everything(seed: int) -> None:
         cpu_compat.seed_model_parallel_rng(stage_seed, info.tp_rank)
 
 
-def destroy() -> None:
-    """Tear down megatron's groups and, if we created it, the default process group."""
+def destroy(keep_process_group: bool = False) -> None:
+    """Tear down megatron's groups and, if we created it, the default process group (unless
+    ``keep_process_group``: then ``initialize`` may build another TP/PP layout over the same ranks)."""
     global _INFO, _OWNS_PROCESS_GROUP
     from megatron.core import parallel_state as mps
 
     mps.destroy_model_parallel()
+    if keep_process_group:
+        _INFO = None
+        return
     if _OWNS_PROCESS_GROUP and dist.is_initialized():
         dist.destroy_process_group()
     _OWNS_PROCESS_GROUP = False
@@ -186,9 +192,12 @@ def barrier() -> None:
 class MegatronMPU:
     """The ``mpu`` object DeepSpeed expects, backed by megatron-core's parallel_state.
 
-    DeepSpeed 0.19 calls the methods below. ``get_model_parallel_rank`` returns the *tensor*
-    parallel rank: ZeRO uses it to count TP-replicated parameters (LayerNorm) once in the gradient
-    norm. There is deliberately no ``get_sequence_parallel_*``: if present, DeepSpeed ignores the
+    DeepSpeed 0.19 calls the methods below. The model-parallel group is megatron's TP x PP group, so
+    the gradient norm (and clipping, and the overflow check) is summed over every stage and TP rank.
+    ``get_model_parallel_rank`` returns the *tensor* parallel rank: ZeRO uses it to count
+    TP-replicated parameters (LayerNorm) once per stage in the gradient norm; stages hold disjoint
+    parameters, so each stage's TP rank 0 counts its own. ``get_model_parallel_world_size`` stays the TP
+    size: DeepSpeed names and loads one ``mp_rank_XX`` file per TP rank of each stage's engine. There is deliberately no ``get_sequence_parallel_*``: if present, DeepSpeed ignores the
     DP/MP groups given here.
     """
 
@@ -206,9 +215,11 @@ class MegatronMPU:
         return self._mps.get_data_parallel_rank()
 
     def get_model_parallel_group(self):
-        return self._mps.get_tensor_model_parallel_group()
+        return self._mps.get_model_parallel_group()
 
     def get_model_parallel_world_size(self):
+        # DeepSpeed reads this as the number of mp_rank_XX checkpoint files per engine (one per TP rank;
+        # each pipeline stage saves apart); the norm reductions use the group above.
         return self._mps.get_tensor_model_parallel_world_size()
 
     def get_model_parallel_rank(self):

@@ -7,7 +7,7 @@ Typical use in a trainer::
     ckpt, guard, nf = CheckpointManager(cfg), PreemptionGuard(), NonFiniteGuard(cfg.train.max_nonfinite)
     state = ckpt.load(engine, ema=ema)                 # None on a fresh start
     for step in range(start, cfg.train.steps):
-        result = train_step(engine, micro_batches, loss_fn, nf, ema)
+        result = train_step(engine, micro_batches, loss_fn, nf, ema, pipeline=pp > 1)
         if nf.should_stop: ckpt.save(engine, step, state, ema); raise nf.error(step)
         if guard.should_stop(): ckpt.save(engine, step + 1, state, ema); sys.exit(guard.exit_code)
 """
@@ -15,8 +15,8 @@ from . import ds_config, schedule
 from .builder import build_engine
 from .checkpoint import CheckpointManager, CheckpointMismatch
 from .ema import EMA
-from .guards import (REQUEUE_EXIT_CODE, NonFiniteGuard, NonFiniteLossError, PreemptionGuard, StepResult,
-                     train_step)
+from .guards import REQUEUE_EXIT_CODE, NonFiniteGuard, NonFiniteLossError, PreemptionGuard
+from .step import StepResult, train_step
 
 __all__ = ["CheckpointManager", "CheckpointMismatch", "EMA", "NonFiniteGuard", "NonFiniteLossError",
            "PreemptionGuard", "REQUEUE_EXIT_CODE", "StepResult", "build_engine", "ds_config", "schedule",

@@ -61,9 +61,10 @@ def build_engine(cfg, model_builder: Callable[[], nn.Module], ds_config=None) ->
         raise ValueError(f"ds_config has ZeRO stage {stage} but parallel.zero_stage="
                          f"{cfg.parallel.zero_stage}; "
                          f"resolve the DeepSpeed config from this training config.")
-    if stage >= 2 and info.pp_size > 1:
-        raise ValueError(f"ZeRO stage {stage} with pipeline={info.pp_size}: DeepSpeed deadlocks; "
-                         f"use zero_stage<=1.")
+    if stage == 3 and info.pp_size > 1:
+        raise ValueError(f"ZeRO stage 3 with pipeline={info.pp_size}: ZeRO-3 gathers parameters inside each "
+                         f"forward with collectives every rank must join, which deadlocks across stages; use "
+                         f"parallel.zero_stage=2 (or 1, 0) with pipeline parallelism.")
     init_deepspeed_distributed()
     mpu = parallel_state.mpu()
 
@@ -74,10 +75,13 @@ def build_engine(cfg, model_builder: Callable[[], nn.Module], ds_config=None) ->
         # by bf16 on accelerators without fp16 (operator precedence in Init._set_dtype), e.g. the CPU.
     else:
         init_ctx = contextlib.nullcontext()
-    # Same initial weights whatever the ZeRO stage: DeepSpeed's set-up above may draw random numbers.
-    parallel_state.seed_everything(cfg.train.seed)
+    # Same initial weights whatever the ZeRO stage (DeepSpeed's set-up above may draw random numbers) and
+    # whatever the pipeline layout (every stage builds the whole model like stage 0, then keeps its part).
+    parallel_state.seed_everything(cfg.train.seed, per_stage=False)
     with init_ctx:
         model = model_builder()
+    if info.pp_size > 1:
+        parallel_state.seed_everything(cfg.train.seed)  # back to per-stage streams (dropout)
     if not isinstance(model, nn.Module):
         raise TypeError(f"model_builder returned {type(model).__name__}, expected an nn.Module.")
     if stage != 3:
@@ -88,6 +92,9 @@ def build_engine(cfg, model_builder: Callable[[], nn.Module], ds_config=None) ->
     engine, ds_optimizer, _, ds_scheduler = deepspeed.initialize(
         model=model, optimizer=optimizer, lr_scheduler=scheduler, config=ds, mpu=mpu,
         dist_init_required=False)
+    if info.pp_size > 1:
+        from .step import check_pipeline_engine
+        check_pipeline_engine(engine)
     log.info("DeepSpeed engine: ZeRO-%d, %s, micro batch %d x accum %d x dp %d", stage,
              "bf16" if ds["bf16"]["enabled"] else "fp32", ds["train_micro_batch_size_per_gpu"],
              ds["gradient_accumulation_steps"], info.dp_size)

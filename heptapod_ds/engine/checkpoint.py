@@ -53,7 +53,7 @@ IDENTITY_FIELDS = (
     + [f"head.{k}" for k in ("type", "depth", "width", "num_heads", "mlp_ratio")]
     + [f"diffusion.{k}" for k in ("depth", "width")]
 )
-LAYOUT_FIELDS = ("tensor", "pipeline", "dp", "zero_stage")
+LAYOUT_FIELDS = ("tensor", "pipeline", "dp", "zero_stage", "pipeline_split")
 
 
 class CheckpointMismatch(ValueError):
@@ -98,10 +98,16 @@ def set_rng_state(state: Dict[str, Any]) -> None:
         get_cuda_rng_tracker().set_states(state["megatron"])
 
 
-def _layout(cfg) -> Dict[str, int]:
+def _layout(cfg) -> Dict[str, Any]:
+    """The parallel layout a checkpoint is saved in; ``pipeline_split`` (layers per stage, None at PP=1)
+    tells which full-model parameters each ``pp_stageKK`` folder holds (see heptapod_ds.pipeline.stage)."""
     info = parallel_state.get_info()
+    split = None
+    if info.pp_size > 1:
+        from heptapod_ds.pipeline import split_model
+        split = split_model(cfg).counts
     return {"tensor": info.tp_size, "pipeline": info.pp_size, "dp": info.dp_size,
-            "zero_stage": cfg.parallel.zero_stage}
+            "zero_stage": cfg.parallel.zero_stage, "pipeline_split": split}
 
 
 def _engine_tag(tag: str, info) -> str:

@@ -112,10 +112,19 @@ def resolve(cfg, data_parallel_size: Optional[int] = None) -> Dict[str, Any]:
                           f"Remove the section from the JSON and set those fields instead.")
     _fill(ds, "train_batch_size", tr.global_batch_size, "train.global_batch_size", origin,
           f"pass train.global_batch_size={ds.get('train_batch_size')}", errors)
-    _fill(ds, "train_micro_batch_size_per_gpu", tr.micro_batch_size, "train.micro_batch_size", origin,
-          f"pass train.micro_batch_size={ds.get('train_micro_batch_size_per_gpu')}", errors)
-    _fill(ds, "gradient_accumulation_steps", tr.grad_accum, "train.grad_accum", origin,
-          f"pass train.grad_accum={ds.get('gradient_accumulation_steps')}", errors)
+    if par.pipeline > 1:
+        # Megatron's schedule runs all train.grad_accum micro-batches of a step; each stage's engine sees
+        # them as one batch and steps once per schedule (every engine.step() is an optimizer step).
+        _fill(ds, "train_micro_batch_size_per_gpu", tr.micro_batch_size * tr.grad_accum,
+              "train.micro_batch_size x train.grad_accum (one pipeline schedule)", origin,
+              "leave it to the training config under pipeline parallelism", errors)
+        _fill(ds, "gradient_accumulation_steps", 1, "1 (the pipeline schedule accumulates)", origin,
+              "leave it to the training config under pipeline parallelism", errors)
+    else:
+        _fill(ds, "train_micro_batch_size_per_gpu", tr.micro_batch_size, "train.micro_batch_size", origin,
+              f"pass train.micro_batch_size={ds.get('train_micro_batch_size_per_gpu')}", errors)
+        _fill(ds, "gradient_accumulation_steps", tr.grad_accum, "train.grad_accum", origin,
+              f"pass train.grad_accum={ds.get('gradient_accumulation_steps')}", errors)
     _fill(ds, "gradient_clipping", float(cfg.optimizer.grad_clip), "optimizer.grad_clip", origin,
           f"pass optimizer.grad_clip={ds.get('gradient_clipping')}", errors)
 

@@ -1,4 +1,4 @@
-"""Preemption and non-finite-loss handling, and the one training step that uses them.
+"""Preemption and non-finite-loss handling (the optimizer step that uses them: :mod:`.step`).
 
 Preemption: Slurm sends SIGTERM (at preemption / time limit, after ``KillWait``) or the signal
 asked for with ``--signal=B:USR1@<seconds>``. The handler only sets a flag; the trainer asks
@@ -15,8 +15,7 @@ from __future__ import annotations
 import math
 import signal
 import threading
-from dataclasses import dataclass
-from typing import Callable, Dict, Optional, Sequence
+from typing import Dict, Optional, Sequence
 
 import torch
 import torch.distributed as dist
@@ -77,8 +76,8 @@ class NonFiniteLossError(RuntimeError):
 class NonFiniteGuard:
     """Decide skip / stop for non-finite losses, the same way on all ranks.
 
-    A step is skipped when the loss of any micro batch on any rank is NaN/inf: no backward for it,
-    no optimizer step, no scheduler step, no EMA update (see :func:`train_step`). ``max_in_a_row``
+    A step is skipped when the loss of any micro batch on any rank is NaN/inf: no optimizer step, no
+    scheduler step, no EMA update (see :func:`heptapod_ds.engine.step.train_step`). ``max_in_a_row``
     consecutive skips make :attr:`should_stop` true; the trainer then saves and raises :meth:`error`.
     """
 
@@ -89,9 +88,10 @@ class NonFiniteGuard:
         self.in_a_row = 0
         self.total_skipped = 0
 
-    def agree_finite(self, loss: torch.Tensor) -> bool:
-        """Whether the loss is finite on every rank (collective)."""
-        local_bad = 0.0 if bool(torch.isfinite(loss.detach()).all()) else 1.0
+    def agree_finite(self, loss: Optional[torch.Tensor]) -> bool:
+        """Whether the loss is finite on every rank (collective). ``None``: this rank measured no loss
+        (a pipeline stage before the last) and only joins the vote."""
+        local_bad = 0.0 if loss is None or bool(torch.isfinite(loss.detach()).all()) else 1.0
         return _all_reduce_max(local_bad) == 0.0
 
     def record(self, finite: bool) -> None:
@@ -117,87 +117,3 @@ class NonFiniteGuard:
     def load_state_dict(self, state: Dict[str, int]) -> None:
         self.in_a_row = int(state["in_a_row"])
         self.total_skipped = int(state["total_skipped"])
-
-
-@dataclass
-class StepResult:
-    loss: float          # mean loss over the global batch (NaN when skipped)
-    skipped: bool        # the step was skipped for a non-finite loss
-    lr: float            # learning rate the step used
-    grad_norm: Optional[float]  # global gradient norm before clipping (None when skipped / unknown)
-
-
-def train_step(engine, micro_batches: Sequence, loss_fn: Callable, nonfinite: NonFiniteGuard, ema=None
-               ) -> StepResult:
-    """One optimizer step over ``gradient_accumulation_steps`` micro batches, with non-finite skipping.
-
-    ``loss_fn(engine, micro_batch) -> scalar mean loss``. Each micro batch's loss is checked on all
-    ranks *before* its backward; a bad one abandons the step and discards the gradients already
-    accumulated, leaving parameters, optimizer state, scheduler, EMA and DeepSpeed's counters as
-    they were.
-    """
-    gas = engine.gradient_accumulation_steps()
-    if len(micro_batches) != gas:
-        raise ValueError(f"train_step got {len(micro_batches)} micro batches, DeepSpeed accumulates {gas} "
-                         f"(train.grad_accum); pass exactly one optimizer step's worth.")
-    lr = float(engine.get_lr()[0])
-    counters = (engine.micro_steps, engine.global_samples)
-    total = torch.zeros((), dtype=torch.float64)
-    pre_step_norm = None
-    for i, mb in enumerate(micro_batches):
-        loss = loss_fn(engine, mb)
-        if not nonfinite.agree_finite(loss):
-            if i > 0:
-                _discard_gradients(engine, counters)
-            nonfinite.record(False)
-            return StepResult(loss=math.nan, skipped=True, lr=lr, grad_norm=None)
-        engine.backward(loss)
-        if i == gas - 1 and engine.zero_optimization_stage() == 0:
-            pre_step_norm = _zero0_grad_norm(engine)
-        engine.step()
-        total += loss.detach().double().cpu()
-    nonfinite.record(True)
-    if ema is not None:
-        ema.update()
-    mean = total / gas
-    if dist.is_initialized():
-        from heptapod_ds.distributed import parallel_state
-        group = parallel_state.dp_group()
-        t = mean.to(torch.float32)
-        if dist.get_backend(group) == "nccl":
-            t = t.cuda()
-        dist.all_reduce(t, group=group)
-        mean = t.cpu().double() / dist.get_world_size(group)
-    norm = engine.get_global_grad_norm()
-    if norm is None and engine.zero_optimization_stage() == 0:
-        norm = pre_step_norm  # DeepSpeed's ZeRO-0 path computes the norm to clip but discards it
-    return StepResult(loss=float(mean), skipped=False, lr=lr,
-                      grad_norm=float(norm) if norm is not None else None)
-
-
-def _zero0_grad_norm(engine) -> float:
-    """Global gradient norm of the averaged gradients, TP-replicated parameters counted once."""
-    from deepspeed.runtime.utils import clip_grad_norm_
-
-    params = [p for p in engine.module.parameters() if p.grad is not None]
-    return float(clip_grad_norm_(params, max_norm=float("inf"), mpu=engine.mpu))
-
-
-def _discard_gradients(engine, counters) -> None:
-    """Drop gradients accumulated by earlier micro batches of an abandoned step; rewind the counters."""
-    stage = engine.zero_optimization_stage()
-    opt = engine.optimizer
-    if stage == 3:
-        opt._overflow_clean_up(None)  # what ZeRO-3 does after an fp16 overflow: clear grad partitions
-    elif stage in (1, 2):
-        opt.zero_grad(set_to_none=True)
-        if hasattr(opt, "_release_preflattened_grad_buffers"):
-            opt._release_preflattened_grad_buffers()
-        for k in list(getattr(opt, "averaged_gradients", {}).keys()):
-            opt.averaged_gradients[k] = None
-        for k in list(getattr(opt, "all_grad_tensors", {}).keys()):
-            opt.all_grad_tensors[k] = None
-        if getattr(opt, "cpu_offload", False):
-            opt.reset_cpu_buffers()
-    engine.zero_grad()
-    engine.micro_steps, engine.global_samples = counters

@@ -7,8 +7,11 @@ from .heptapod import HeptapodModel
 from .layers import resolve_impl
 
 
-def build_model(cfg, device=None) -> HeptapodModel:
+def build_model(cfg, device=None) -> torch.nn.Module:
     """Build the fp32 model for this rank's TP shard, on ``device`` (default: the parallel state's device).
+
+    With pipeline parallelism the result is this rank's :class:`heptapod_ds.pipeline.stage.PipelineStage`
+    (parameter names as in the whole model).
 
     Replicated parameters (everything outside megatron's TP linears) are broadcast from TP rank 0 so
     TP peers start identical whatever the order of their RNG draws.
@@ -20,8 +23,18 @@ def build_model(cfg, device=None) -> HeptapodModel:
         raise ValueError(f"cfg.parallel.tensor={cfg.parallel.tensor} but the parallel state was initialized "
                          f"with tensor={info.tp_size}; pass the same size to "
                          f"heptapod_ds.distributed.initialize().")
+    if info.pp_size != cfg.parallel.pipeline:
+        raise ValueError(f"cfg.parallel.pipeline={cfg.parallel.pipeline} but the parallel state was initialized "
+                         f"with pipeline={info.pp_size}; pass the same size to "
+                         f"heptapod_ds.distributed.initialize().")
     impl = resolve_impl(cfg.backbone.transformer_impl, cfg.backbone.attention)
     model = HeptapodModel(cfg, impl=impl, tensor_parallel=info.tp_size)
+    if info.pp_size > 1:
+        # the whole model was built (same weights as PP=1); keep this stage's part
+        from heptapod_ds.pipeline.split import split_model
+        from heptapod_ds.pipeline.stage import PipelineStage
+
+        model = PipelineStage(model, split_model(cfg), info.pp_rank)
     model = model.to(device or info.device)
     if info.tp_size > 1:
         sync_replicated_params(model)

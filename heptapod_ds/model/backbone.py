@@ -65,6 +65,19 @@ class CausalBackbone(nn.Module):
             raise ValueError(f"the KV cache holds {inference_context.sequence_len_offset} slots but "
                              f"start={start}; "
                              f"run the slots in order with one cache per generation.")
+        h, rotary = self.embed(labels, tokens, start, cached=inference_context is not None)
+        out = self.decoder(hidden_states=h, attention_mask=None, rotary_pos_emb=rotary,
+                           inference_context=inference_context)
+        if inference_context is not None:
+            inference_context.sequence_len_offset += h.shape[0]
+        return out.transpose(0, 1)
+
+    def embed(self, labels: torch.Tensor, tokens: Optional[torch.Tensor], start: int = 0,
+              cached: bool = False):
+        """Embeddings of slots ``start .. n`` in megatron layout ``[s, B, width]``, and the rotary angles
+        the layers need (None with learned positions). ``cached``: the layers attend to a KV cache holding
+        slots ``0 .. start-1`` (megatron then wants the angles of every slot up to the last)."""
+        n = 0 if tokens is None else tokens.shape[1]
         parts = []
         if start == 0:
             parts.append(self.class_embed(labels)[:, None])
@@ -75,13 +88,13 @@ class CausalBackbone(nn.Module):
         length = h.shape[1]
         rotary = None
         if self.use_rope:
-            rotary = self.rope_freqs[:start + length] if inference_context is not None else \
-                self.rope_freqs[start:start + length]
+            rotary = self.rotary(start, length, cached)
         else:
             h = h + self.pos_embed(start, length)
-        h = h.transpose(0, 1).contiguous()  # megatron layout [s, b, h]
-        out = self.decoder(hidden_states=h, attention_mask=None, rotary_pos_emb=rotary,
-                           inference_context=inference_context)
-        if inference_context is not None:
-            inference_context.sequence_len_offset += length
-        return out.transpose(0, 1)
+        return h.transpose(0, 1).contiguous(), rotary  # megatron layout [s, b, h]
+
+    def rotary(self, start: int, length: int, cached: bool = False) -> Optional[torch.Tensor]:
+        """Rotary angles of slots ``start .. start+length-1`` (from slot 0 with a KV cache)."""
+        if not self.use_rope:
+            return None
+        return self.rope_freqs[:start + length] if cached else self.rope_freqs[start:start + length]

@@ -11,7 +11,7 @@ supervised targets per image.
 from __future__ import annotations
 
 import contextlib
-from typing import Dict
+from typing import Dict, List, Tuple
 
 import torch
 
@@ -66,25 +66,47 @@ def _denoiser_flops(channels: int, cond: int, width: int, depth: int, freq_dim: 
     return 2 * per_token
 
 
-def forward_flops_per_image(cfg) -> Dict[str, float]:
+def chain_flops(cfg) -> List[Tuple[str, float]]:
+    """Forward FLOPs per image of every link of the model's chain, in order.
+
+    Links: ``embed`` (class/token embeddings; the latent projection for continuous tokens),
+    ``backbone.i`` (one causal layer each), ``head_input`` (projection, mask token, 2D positions, one
+    copy per drawn timestep), ``head.j`` (one head layer each), ``output`` (per-token output + loss).
+    The pipeline split (:mod:`heptapod_ds.pipeline.split`) balances stages with these numbers, and
+    :func:`forward_flops_per_image` sums them, so both use one accounting.
+    """
     tok, bb, head, diff = cfg.tokenizer, cfg.backbone, cfg.head, cfg.diffusion
     n = tok.num_tokens
-    backbone = bb.depth * _layer_flops(n, n, bb.width, bb.mlp_ratio)
-    if not tok.is_discrete:
-        backbone += 2 * tok.channels * bb.width * n
+    links: List[Tuple[str, float]] = [("embed", 0.0 if tok.is_discrete else 2.0 * tok.channels * bb.width * n)]
+    links += [(f"backbone.{i}", float(_layer_flops(n, n, bb.width, bb.mlp_ratio))) for i in range(bb.depth)]
     if head.type == "next":
-        head_flops, targets, cond = 0.0, float(n), bb.width
+        targets, cond = float(n), bb.width
     else:
         window = head.window if head.type == "local" else None
         slots = head.timesteps * (n + 1)
-        head_flops = head.depth * _layer_flops(slots, n + 1, head.width, head.mlp_ratio)
-        head_flops += 2 * bb.width * head.width * n
+        links.append(("head_input", float(2 * bb.width * head.width * n)))
+        links += [(f"head.{j}", float(_layer_flops(slots, n + 1, head.width, head.mlp_ratio)))
+                  for j in range(head.depth)]
         targets, cond = expected_targets_per_image(n, head.timesteps, head.supervised, window), head.width
     if tok.is_discrete:
         output = 2 * cond * tok.vocab_size * targets
     else:
         output = diff.batch_mul * targets * _denoiser_flops(tok.channels, cond, diff.width, diff.depth)
-    return {"backbone": backbone, "head": head_flops, "diffusion": output}
+    links.append(("output", float(output)))
+    return links
+
+
+def forward_flops_per_image(cfg) -> Dict[str, float]:
+    """{"backbone", "head", "diffusion"}: sums of :func:`chain_flops` (embed counts to the backbone)."""
+    out = {"backbone": 0.0, "head": 0.0, "diffusion": 0.0}
+    for name, flops in chain_flops(cfg):
+        if name == "output":
+            out["diffusion"] += flops
+        elif name == "head_input" or name.startswith("head."):
+            out["head"] += flops
+        else:
+            out["backbone"] += flops
+    return out
 
 
 def train_flops_per_image(cfg) -> int:

@@ -66,6 +66,14 @@ class GridHead(nn.Module):
         if int(timesteps.max()) >= n:
             raise ValueError(f"timestep {int(timesteps.max())} needs backbone outputs o_0..o_t, "
                              f"only {n} given.")
+        x = self.embed(prefix, timesteps)
+        out = self.decoder(hidden_states=x, attention_mask=self.attention_mask(timesteps))
+        return out.transpose(0, 1).reshape(b, timesteps.shape[1], self.num_slots, -1)
+
+    def embed(self, prefix: torch.Tensor, timesteps: torch.Tensor) -> torch.Tensor:
+        """The head's input: ``[o_0..o_t, m, ..., m]`` + 2D positions per (image, timestep), in megatron
+        layout ``[N + 1, B * T, W_head]`` (sequence b * T + k is image b at its k-th timestep)."""
+        b, n, _ = prefix.shape
         num_t = timesteps.shape[1]
         proj = self.input_proj(prefix)                                     # [B, n, Wh]
         proj = nn.functional.pad(proj, (0, 0, 0, self.num_slots - n))      # [B, S, Wh]
@@ -73,9 +81,10 @@ class GridHead(nn.Module):
         visible = slots[None, None, :, None] <= timesteps[:, :, None, None]  # [B, T, S, 1]
         x = torch.where(visible, proj[:, None], self.mask_token)            # [B, T, S, Wh]
         x = x + self.pos_embed(0, self.num_slots)
-        x = x.reshape(b * num_t, self.num_slots, -1).transpose(0, 1).contiguous()
-        mask = None
-        if self.window is not None:
-            mask = local_attention_mask(timesteps.reshape(-1), self.num_slots, self.window)
-        out = self.decoder(hidden_states=x, attention_mask=mask)
-        return out.transpose(0, 1).reshape(b, num_t, self.num_slots, -1)
+        return x.reshape(b * num_t, self.num_slots, -1).transpose(0, 1).contiguous()
+
+    def attention_mask(self, timesteps: torch.Tensor) -> Optional[torch.Tensor]:
+        """None for the global head; the local head's window mask per (image, timestep)."""
+        if self.window is None:
+            return None
+        return local_attention_mask(timesteps.reshape(-1), self.num_slots, self.window)

@@ -11,6 +11,7 @@ ZeRO-3 rule kept here: every parameter is used only inside the forward of the mo
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Dict, Optional, Set, Tuple
 
 import torch
@@ -23,6 +24,14 @@ from .categorical import CategoricalOutput, sample_logits
 from .diffusion import DiffusionLoss
 from .heads import GridHead
 from .supervision import SupervisionPlan, draw_plan, next_token_plan
+
+
+@dataclass
+class Draws:
+    """A batch's random draws made before the network runs (see HeptapodModel.draw_randomness)."""
+    labels: torch.Tensor          # labels after class dropout
+    plan: SupervisionPlan
+    generators: list              # per-sample generators, positioned for the diffusion noise
 
 
 class HeptapodModel(nn.Module):
@@ -60,24 +69,43 @@ class HeptapodModel(nn.Module):
         data-parallel averaging over equal micro-batches equals the loss of the whole batch.
         """
         self._check_inputs(tokens, labels, sample_seeds)
+        draws = self.draw_randomness(tokens, labels, sample_seeds)
+        o = self.backbone(draws.labels, tokens[:, :self.num_tokens - 1])          # [B, N, Wb]
+        if self.head is None:
+            return self.loss_from_features(o.transpose(0, 1), tokens, draws)
+        out = self.head(o, draws.plan.timesteps)                                   # [B, T, N+1, Wh]
+        return self.loss_from_features(out.reshape(-1, out.shape[-2], out.shape[-1]).transpose(0, 1),
+                                       tokens, draws)
+
+    def draw_randomness(self, tokens: torch.Tensor, labels: torch.Tensor,
+                        sample_seeds: Optional[torch.Tensor]) -> "Draws":
+        """Label dropout and supervision plan of a batch, drawn from the per-sample generators in a
+        fixed order; the generators are left where the diffusion noise continues. Every pipeline stage
+        calls this, so all stages agree on labels, plan and noise without communicating."""
         batch = tokens.shape[0]
         gens = _generators(sample_seeds, batch)
         labels = self._drop_labels(labels, gens)
-        o = self.backbone(labels, tokens[:, :self.num_tokens - 1])                 # [B, N, Wb]
-        if self.head is None:
-            plan = _to(next_token_plan(batch, self.num_tokens), tokens.device)
-            z = o.reshape(batch * self.num_tokens, -1)
+        if self.head_type == "next":
+            plan = next_token_plan(batch, self.num_tokens)
         else:
             h = self.cfg.head
             plan = draw_plan(gens, self.num_tokens, h.timesteps, h.supervised, self.window)
-            plan = _to(plan, tokens.device)
-            out = self.head(o, plan.timesteps)                                     # [B, T, N+1, Wh]
-            z = out.reshape(-1, out.shape[-2], out.shape[-1])[plan.rows, plan.slots]
+        return Draws(labels=labels, plan=_to(plan, tokens.device), generators=gens)
+
+    def loss_from_features(self, features: torch.Tensor, tokens: torch.Tensor,
+                           draws: "Draws") -> Tuple[torch.Tensor, Dict[str, float]]:
+        """The loss from the last features in megatron layout: the backbone's ``[N, B, Wb]`` (next head)
+        or the head's ``[N + 1, B * T, Wh]``. Mean over images of each image's mean target loss."""
+        plan, batch = draws.plan, tokens.shape[0]
+        if self.head is None:
+            z = features.transpose(0, 1).reshape(batch * self.num_tokens, -1)
+        else:
+            z = features.transpose(0, 1)[plan.rows, plan.slots]
         target = tokens[plan.sample, plan.slots - 1]
         if self.discrete:
             per_target = nn.functional.cross_entropy(self.output(z), target, reduction="none")
         else:
-            per_target = self.output(target, z, plan.counts, gens)
+            per_target = self.output(target, z, plan.counts, draws.generators)
         weight = 1.0 / (plan.counts.to(per_target.dtype)[plan.sample] * batch)
         loss = (per_target * weight).sum()
         stats = {"loss": float(loss.detach()), "supervised_per_image": float(plan.counts.float().mean())}

@@ -2,7 +2,8 @@
 
 One optimizer step = ``train.grad_accum`` micro-batches per data-parallel rank; DeepSpeed averages
 gradients over the accumulation and the data-parallel group, so every logged loss is the mean over
-the global batch.
+the global batch. With pipeline parallelism the micro-batches go through Megatron's 1F1B schedule
+(every stage reads the same micro-batches; the loss measured on the last stage reaches global rank 0).
 """
 from __future__ import annotations
 
@@ -53,8 +54,12 @@ class Trainer:
         if not parallel_state.is_rank0():
             ensure_dataset(cfg)
 
+        self.pipeline = self.info.pp_size > 1
+        if self.pipeline and parallel_state.is_rank0():
+            from heptapod_ds.pipeline import describe, split_model
+            log.info("%s", describe(cfg, split_model(cfg), micro_batches=cfg.train.grad_accum))
         self.engine, _optimizer, _scheduler = build_engine(cfg, lambda: self._initial_model(build_model(cfg)))
-        self.model = self.engine.module
+        self.model = self.engine.module  # this stage's PipelineStage under pipeline parallelism
         self.ema = EMA(self.engine, cfg.train.ema_decay) if cfg.train.ema_decay > 0 else None
         self.ckpt = CheckpointManager(cfg)
         self.preempt = PreemptionGuard()
@@ -83,8 +88,9 @@ class Trainer:
                                    config=to_dict(cfg), resume_step=self.step)
         n_params = sum(p.numel() for p in self.model.parameters())
         log.info("model: preset=%s head=%s tokens=%s params on this rank=%.2fM, %.3g train GFLOPs/image; "
-                 "world=%d (tp=%d dp=%d) zero=%d grad_accum=%d", cfg.preset, cfg.head.type, cfg.token_type,
-                 n_params / 1e6, flops / 1e9, self.info.world_size, self.info.tp_size, self.info.dp_size,
+                 "world=%d (tp=%d pp=%d dp=%d) zero=%d grad_accum=%d", cfg.preset, cfg.head.type, cfg.token_type,
+                 n_params / 1e6, flops / 1e9, self.info.world_size, self.info.tp_size, self.info.pp_size,
+                 self.info.dp_size,
                  cfg.parallel.zero_stage, cfg.train.grad_accum)
 
     def _initial_model(self, model):
@@ -107,10 +113,11 @@ class Trainer:
             out.append((tokens, labels, sample_seeds(self.cfg.train.seed, epoch, ids)))
         return out
 
-    def _loss(self, engine, micro_batch) -> torch.Tensor:
+    def _loss(self, model, micro_batch) -> torch.Tensor:
+        """The loss (PP = 1, ``model`` is the engine) or this stage's output (PP > 1, the stage module)."""
         tokens, labels, seeds = (t.to(self.device) for t in micro_batch)
-        loss, _stats = engine(tokens, labels, sample_seeds=seeds)
-        return loss
+        out, _stats = model(tokens, labels, sample_seeds=seeds)
+        return out
 
     def _client_state(self) -> Dict:
         return {"step": self.step, "data": self.stream.position(), "nonfinite": self.nonfinite.state_dict(),
@@ -141,7 +148,8 @@ class Trainer:
         last_loss: Optional[float] = None
         while self.step < cfg.train.steps:
             batches = self._micro_batches()
-            result = train_step(self.engine, batches, self._loss, self.nonfinite, ema=self.ema)
+            result = train_step(self.engine, batches, self._loss, self.nonfinite, ema=self.ema,
+                                pipeline=self.pipeline)
             if result.skipped:
                 log.warning("step %d: non-finite loss, step skipped (%d in a row, %d in total)", self.step + 1,
                             self.nonfinite.in_a_row, self.nonfinite.total_skipped)

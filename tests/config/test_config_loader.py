@@ -84,9 +84,27 @@ def test_width_not_divisible_by_tp():
                     world_size=8)
 
 
-def test_layers_not_divisible_by_pp():
-    with pytest.raises(ConfigError, match=r"backbone.depth=4 is not divisible by parallel.pipeline=3"):
-        load_config(overrides=["parallel.pipeline=3"], world_size=3)
+def test_pipeline_split_is_checked_up_front():
+    # any layer count works with auto (stages need not be equal); an explicit split must fit the model
+    load_config(overrides=["parallel.pipeline=3"], world_size=3)
+    with pytest.raises(ConfigError, match=r"pipeline_split=3,2 sums to 5 layers; the model has 6"):
+        load_config(overrides=["parallel.pipeline=2", "parallel.pipeline_split=3,2"], world_size=2)
+    with pytest.raises(ConfigError, match=r"lists 3 stages but parallel.pipeline=2"):
+        load_config(overrides=["parallel.pipeline=2", "parallel.pipeline_split=2,2,2"], world_size=2)
+    with pytest.raises(ConfigError, match=r"every stage but the last needs at least one layer"):
+        load_config(overrides=["parallel.pipeline=2", "parallel.pipeline_split=0,6"], world_size=2)
+    with pytest.raises(ConfigError, match=r"at most 7 stages"):
+        load_config(overrides=["parallel.pipeline=8"], world_size=8)
+    with pytest.raises(ConfigError, match=r"neither 'auto' nor a comma-separated list"):
+        load_config(overrides=["parallel.pipeline=2", "parallel.pipeline_split=half"], world_size=2)
+    cfg = load_config(overrides=["parallel.pipeline=2", "parallel.pipeline_split=[6,0]"], world_size=2)
+    assert cfg.parallel.pipeline_split == "[6,0]"
+
+
+def test_pipeline_split_from_yaml_list(tmp_path):
+    path = tmp_path / "pp.yaml"
+    path.write_text("parallel:\n  pipeline: 2\n  pipeline_split: [4, 2]\n")
+    assert load_config(str(path), world_size=2).parallel.pipeline_split == "4,2"
 
 
 def test_world_size_not_divisible_by_model_parallel():
@@ -95,11 +113,12 @@ def test_world_size_not_divisible_by_model_parallel():
 
 
 def test_pipeline_with_zero3_refused():
-    with pytest.raises(ConfigError, match=r"parallel.pipeline=2 with parallel.zero_stage=3: DeepSpeed does not "
-                                          r"support ZeRO-2/3 with pipeline parallelism"):
+    with pytest.raises(ConfigError, match=r"parallel.pipeline=2 with parallel.zero_stage=3: ZeRO-3 gathers .* "
+                                          r"deadlocks .* Use parallel.zero_stage=2"):
         load_config(overrides=["parallel.pipeline=2", "parallel.zero_stage=3"], world_size=2)
-    # stage 1 is fine
-    load_config(overrides=["parallel.pipeline=2", "parallel.zero_stage=1"], world_size=2)
+    # stages 0-2 are fine
+    for stage in (0, 1, 2):
+        load_config(overrides=["parallel.pipeline=2", f"parallel.zero_stage={stage}"], world_size=2)
 
 
 def test_batch_product_mismatch():
@@ -120,10 +139,11 @@ def test_grad_accum_derived_or_refused():
 
 def test_several_errors_reported_together():
     with pytest.raises(ConfigError) as e:
-        load_config(overrides=["parallel.tensor=3", "parallel.pipeline=3"], world_size=9)
+        load_config(overrides=["parallel.tensor=3", "parallel.pipeline=3", "parallel.pipeline_split=1,1"],
+                    world_size=9)
     text = str(e.value)
     assert "num_heads=4 is not divisible by parallel.tensor=3" in text
-    assert "depth=4 is not divisible by parallel.pipeline=3" in text
+    assert "lists 2 stages but parallel.pipeline=3" in text
 
 
 def test_missing_config_file():

@@ -83,4 +83,13 @@ def test_unresolved_grad_accum_is_refused():
 def test_pipeline_runs_skip_deepspeeds_common_tag_check():
     cfg = _cfg("parallel.pipeline=2", "backbone.depth=4", world_size=2)
     assert ds_config.resolve(cfg)["checkpoint"]["tag_validation"] == "Ignore"
+
+
+def test_pipeline_engines_step_once_per_schedule():
+    # Megatron's schedule runs the step's micro-batches; each stage's engine sees one batch and steps once
+    cfg = _cfg("parallel.pipeline=2", "train.global_batch_size=32", "train.micro_batch_size=4", "train.grad_accum=4",
+               world_size=4)
+    ds = ds_config.resolve(cfg)
+    assert ds["gradient_accumulation_steps"] == 1 and ds["train_micro_batch_size_per_gpu"] == 16
+    assert ds["train_batch_size"] == 32
     assert "checkpoint" not in ds_config.resolve(_cfg())

@@ -28,14 +28,14 @@ def test_print_config_with_ds_config_selects_zero_stage():
 
 def test_conflicting_stage_and_bad_config_exit_2():
     r = _run("--ds_config", os.path.join(REPO, "ds_configs", "zero3.json"), "parallel.pipeline=2", "--print-config")
-    assert r.returncode == 2 and "ZeRO-2/3 with pipeline parallelism" in r.stderr
+    assert r.returncode == 2 and "parallel.zero_stage=3: ZeRO-3 gathers" in r.stderr
     r = _run("--ds_config", "missing.json")
     assert r.returncode == 2 and "missing.json" in r.stderr
 
 
-def test_pipeline_parallel_refused_before_startup():
+def test_bad_pipeline_split_refused_before_startup():
     env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE")}
-    env["WORLD_SIZE"] = "2"  # a valid PP=2 layout; refused by the trainer before any process group exists
-    r = subprocess.run([sys.executable, TRAIN, "parallel.pipeline=2", "parallel.zero_stage=1"], capture_output=True,
-                       text=True, timeout=120, env=env)
-    assert r.returncode == 2 and "no pipeline-stage split yet" in r.stderr
+    env["WORLD_SIZE"] = "2"  # a PP=2 layout with a split that does not fit: refused before any process group
+    r = subprocess.run([sys.executable, TRAIN, "parallel.pipeline=2", "parallel.pipeline_split=5,5"],
+                       capture_output=True, text=True, timeout=120, env=env)
+    assert r.returncode == 2 and "sums to 10 layers; the model has 6" in r.stderr

@@ -1,0 +1,229 @@
+"""One optimizer step, two ways: micro-batches one after the other (PP = 1), or through Megatron-core's
+1F1B pipeline schedule with one DeepSpeed engine per stage (PP > 1).
+
+Both keep the same contract (:class:`StepResult`, the non-finite guard, the EMA update) so the trainer
+does not care which runs.
+
+Without a pipeline each micro-batch's loss is checked on all ranks *before* its backward. Under the
+1F1B schedule a micro-batch's backward starts on the last stage right after its loss, so the check
+comes after the schedule, before any gradient leaves the rank: a non-finite loss on any micro-batch of
+any stage drops every rank's local gradients (inside ``coalesce_grad_reduction`` nothing has been
+reduced yet), and parameters, optimizer state, LR schedule and EMA stay as they were.
+
+Gradient reduction under PP: ZeRO-1/2 run the schedule inside ``engine.coalesce_grad_reduction()`` (the
+gradients of all micro-batches accumulate locally and are reduced once on leaving it); ZeRO-0 has no
+such hook, so the step calls ``engine.allreduce_gradients()`` itself. The loss of each micro-batch is
+divided by the number of micro-batches by the schedule, and DeepSpeed sees one "micro-batch" per
+schedule (``gradient_accumulation_steps=1``, see ``ds_config.resolve``), so every ``engine.step()``
+is an optimizer step. The gradient norm DeepSpeed clips with is global: its model-parallel group is
+TP x PP (``parallel_state.MegatronMPU``).
+"""
+from __future__ import annotations
+
+import contextlib
+import math
+from dataclasses import dataclass
+from typing import Callable, List, Optional, Sequence
+
+import torch
+import torch.distributed as dist
+
+from .guards import NonFiniteGuard
+
+
+@dataclass
+class StepResult:
+    loss: float          # mean loss over the global batch (NaN when skipped)
+    skipped: bool        # the step was skipped for a non-finite loss
+    lr: float            # learning rate the step used
+    grad_norm: Optional[float]  # global gradient norm before clipping (None when skipped / unknown)
+
+
+def train_step(engine, micro_batches: Sequence, loss_fn: Callable, nonfinite: NonFiniteGuard, ema=None,
+               pipeline: bool = False) -> StepResult:
+    """One optimizer step over one step's micro batches, with non-finite skipping.
+
+    ``loss_fn(model, micro_batch) -> tensor``: the scalar mean loss (PP = 1: ``model`` is the engine;
+    PP > 1: the stage module, and the tensor is the stage's output, the loss on the last stage).
+    ``pipeline=True`` runs Megatron's 1F1B schedule over all micro batches (every stage calls it).
+    """
+    if pipeline:
+        return _pipeline_step(engine, micro_batches, loss_fn, nonfinite, ema)
+    return _sequential_step(engine, micro_batches, loss_fn, nonfinite, ema)
+
+
+# ---------------------------------------------------------------------------------------- PP = 1
+
+def _sequential_step(engine, micro_batches, loss_fn, nonfinite, ema) -> StepResult:
+    gas = engine.gradient_accumulation_steps()
+    if len(micro_batches) != gas:
+        raise ValueError(f"train_step got {len(micro_batches)} micro batches, DeepSpeed accumulates {gas} "
+                         f"(train.grad_accum); pass exactly one optimizer step's worth.")
+    lr = float(engine.get_lr()[0])
+    counters = (engine.micro_steps, engine.global_samples)
+    total = torch.zeros((), dtype=torch.float64)
+    pre_step_norm = None
+    for i, mb in enumerate(micro_batches):
+        loss = loss_fn(engine, mb)
+        if not nonfinite.agree_finite(loss):
+            if i > 0:
+                _discard_gradients(engine, counters)
+            nonfinite.record(False)
+            return StepResult(loss=math.nan, skipped=True, lr=lr, grad_norm=None)
+        engine.backward(loss)
+        if i == gas - 1 and engine.zero_optimization_stage() == 0:
+            pre_step_norm = _zero0_grad_norm(engine)
+        engine.step()
+        total += loss.detach().double().cpu()
+    nonfinite.record(True)
+    if ema is not None:
+        ema.update()
+    mean = _dp_mean(total / gas)
+    norm = engine.get_global_grad_norm()
+    if norm is None and engine.zero_optimization_stage() == 0:
+        norm = pre_step_norm  # DeepSpeed's ZeRO-0 path computes the norm to clip but discards it
+    return StepResult(loss=float(mean), skipped=False, lr=lr,
+                      grad_norm=float(norm) if norm is not None else None)
+
+
+# ---------------------------------------------------------------------------------------- PP > 1
+
+def check_pipeline_engine(engine) -> None:
+    """Refuse, at build time, a DeepSpeed engine whose gradients this module cannot step under PP."""
+    stage = engine.zero_optimization_stage()
+    if stage == 3:
+        raise ValueError("ZeRO-3 with pipeline parallelism deadlocks (parameters are gathered inside each "
+                         "forward); use parallel.zero_stage=2, 1 or 0.")
+    if stage in (1, 2) and not hasattr(engine.optimizer, "_coalesce_grad_reduction"):
+        raise ValueError(f"pipeline parallelism with ZeRO-{stage}: DeepSpeed wrapped the optimizer in "
+                         f"{type(engine.optimizer).__name__} (bf16 with ZeRO-1 does this), which cannot coalesce "
+                         f"gradient reduction over the schedule's micro-batches; use parallel.zero_stage=2, or "
+                         f"parallel.precision=fp32.")
+    if stage == 0 and not isinstance(engine.optimizer, torch.optim.Optimizer):
+        raise ValueError(f"pipeline parallelism with ZeRO-0 needs a plain fp32 optimizer, DeepSpeed made a "
+                         f"{type(engine.optimizer).__name__}; use parallel.zero_stage=1 or 2 (bf16), or "
+                         f"parallel.precision=fp32.")
+
+
+def _pipeline_step(engine, micro_batches, loss_fn, nonfinite, ema) -> StepResult:
+    from megatron.core.pipeline_parallel import get_forward_backward_func
+
+    from heptapod_ds.distributed import cpu_compat, parallel_state
+
+    info = parallel_state.get_info()
+    module = engine.module
+    stage = engine.zero_optimization_stage()
+    lr = float(engine.get_lr()[0])
+    counters = (engine.micro_steps, engine.global_samples)
+    module.config.pipeline_dtype = next(module.parameters()).dtype  # what the stages send (bf16 on GPU)
+    losses: List[torch.Tensor] = []
+
+    def forward_step(data_iterator, model):
+        out = loss_fn(model, next(data_iterator))
+
+        def reduce(output):
+            loss = output.detach().clone()  # the schedule divides ``output`` in place afterwards
+            losses.append(loss)
+            return output, {"loss": loss}
+        return out, reduce
+
+    first = micro_batches[0]
+    coalesce = engine.coalesce_grad_reduction() if stage in (1, 2) else contextlib.nullcontext()
+    with coalesce:
+        with cpu_compat.cuda_factories_on_cpu():
+            get_forward_backward_func()(
+                forward_step_func=forward_step, data_iterator=iter(micro_batches), model=module,
+                num_microbatches=len(micro_batches), seq_length=int(first[0].shape[1]),
+                micro_batch_size=int(first[0].shape[0]), forward_only=False)
+        bad = torch.stack(losses) if losses else None
+        finite = nonfinite.agree_finite(bad)  # all ranks, every stage (only the last measured losses)
+        if not finite:
+            _drop_local_gradients(engine)  # before leaving the block: nothing is reduced
+    if not finite:
+        _discard_gradients(engine, counters, reset_micro_step=True)
+        nonfinite.record(False)
+        return StepResult(loss=math.nan, skipped=True, lr=lr, grad_norm=None)
+    pre_step_norm = None
+    if stage == 0:
+        engine.allreduce_gradients()
+        pre_step_norm = _zero0_grad_norm(engine)
+    engine.step()
+    nonfinite.record(True)
+    if ema is not None:
+        ema.update()
+    local = torch.stack(losses).double().mean() if losses else torch.zeros((), dtype=torch.float64)
+    mean = _from_last_stage(_dp_mean(local) if info.pp_rank == info.pp_size - 1 else local)
+    norm = engine.get_global_grad_norm()
+    if norm is None and stage == 0:
+        norm = pre_step_norm
+    return StepResult(loss=float(mean), skipped=False, lr=lr,
+                      grad_norm=float(norm) if norm is not None else None)
+
+
+def _from_last_stage(value: torch.Tensor) -> torch.Tensor:
+    """The last stage's value on every stage (a broadcast over the pipeline group)."""
+    from heptapod_ds.distributed import parallel_state
+
+    group = parallel_state.pp_group()
+    t = value.to(torch.float64).reshape(1).clone()
+    if dist.get_backend(group) == "nccl":
+        t = t.cuda()
+    dist.broadcast(t, src=dist.get_global_rank(group, dist.get_world_size(group) - 1), group=group)
+    return t.cpu()[0]
+
+
+def _drop_local_gradients(engine) -> None:
+    for p in engine.module.parameters():
+        p.grad = None
+        if hasattr(p, "grad_accum"):
+            p.grad_accum = None
+
+
+# ---------------------------------------------------------------------------------------- shared
+
+def _dp_mean(value: torch.Tensor) -> torch.Tensor:
+    if not dist.is_initialized():
+        return value
+    from heptapod_ds.distributed import parallel_state
+
+    group = parallel_state.dp_group()
+    t = value.to(torch.float32).reshape(())
+    if dist.get_backend(group) == "nccl":
+        t = t.cuda()
+    dist.all_reduce(t, group=group)
+    return t.cpu().double() / dist.get_world_size(group)
+
+
+def _zero0_grad_norm(engine) -> float:
+    """Global gradient norm of the averaged gradients, TP-replicated parameters counted once."""
+    from deepspeed.runtime.utils import clip_grad_norm_
+
+    params = [p for p in engine.module.parameters() if p.grad is not None]
+    return float(clip_grad_norm_(params, max_norm=float("inf"), mpu=engine.mpu))
+
+
+def _discard_gradients(engine, counters, reset_micro_step: bool = False) -> None:
+    """Drop gradients accumulated by earlier micro batches of an abandoned step; rewind the counters.
+
+    ``reset_micro_step``: the pipeline step left ZeRO-1/2's reduction of this step flushed but not
+    stepped; reset its micro-step id as its ``step()`` would, so the next flush copies, not adds."""
+    stage = engine.zero_optimization_stage()
+    opt = engine.optimizer
+    if stage == 3:
+        opt._overflow_clean_up(None)  # what ZeRO-3 does after an fp16 overflow: clear grad partitions
+    elif stage in (1, 2):
+        opt.zero_grad(set_to_none=True)
+        if hasattr(opt, "_release_preflattened_grad_buffers"):
+            opt._release_preflattened_grad_buffers()
+        for k in list(getattr(opt, "averaged_gradients", {}).keys()):
+            opt.averaged_gradients[k] = None
+        for k in list(getattr(opt, "all_grad_tensors", {}).keys()):
+            opt.all_grad_tensors[k] = None
+        if getattr(opt, "cpu_offload", False):
+            opt.reset_cpu_buffers()
+        if reset_micro_step and hasattr(opt, "micro_step_id"):
+            # what ZeRO-1/2's step() does first: the next step must not accumulate onto this one
+            from deepspeed.runtime.zero.stage_1_and_2 import INITIAL_MICRO_STEP_ID
+            opt.micro_step_id = INITIAL_MICRO_STEP_ID
+    engine.zero_grad()
+    engine.micro_steps, engine.global_samples = counters
