@@ -169,15 +169,9 @@ class HeptapodModel(nn.Module):
         if len(gens) != batch:
             raise ValueError(f"seeds must hold one seed per image: {len(gens)} seeds for {batch} labels.")
         device = labels.device
-        if self.discrete:
-            temperature = self.cfg.sampling.temperature if temperature is None else temperature
-            top_k = self.cfg.sampling.top_k if top_k is None else top_k
-        else:
-            temperature = self.cfg.diffusion.temperature if temperature is None else temperature
-            num_steps = self.cfg.diffusion.sample_steps if num_steps is None else num_steps
+        temperature, top_k, num_steps = self.sampling_settings(temperature, top_k, num_steps)
         n = self.num_tokens
-        shape = (batch, n) if self.discrete else (batch, n, self.channels)
-        tokens = torch.zeros(shape, dtype=torch.long if self.discrete else torch.float32, device=device)
+        tokens = self.empty_tokens(batch, device)
         was_training = self.training
         self.eval()
         cache = _make_cache(batch, n) if use_kv_cache else None
@@ -194,13 +188,30 @@ class HeptapodModel(nn.Module):
                 else:
                     steps = torch.full((batch, 1), t, dtype=torch.long, device=device)
                     z = self.head(o, steps)[:, 0, t + 1]
-                if self.discrete:
-                    tokens[:, t] = sample_logits(self.output(z), temperature, top_k, gens)
-                else:
-                    tokens[:, t] = self.output.sample(z, num_steps, temperature, gens).to(tokens.dtype)
+                tokens[:, t] = self.sample_token(z, gens, temperature, top_k, num_steps).to(tokens.dtype)
         finally:
             self.train(was_training)
         return tokens
+
+    def sampling_settings(self, temperature: Optional[float], top_k: Optional[int], num_steps: Optional[int]):
+        """(temperature, top_k, num_steps) with the config's defaults filled in."""
+        if self.discrete:
+            temperature = self.cfg.sampling.temperature if temperature is None else temperature
+            top_k = self.cfg.sampling.top_k if top_k is None else top_k
+        else:
+            temperature = self.cfg.diffusion.temperature if temperature is None else temperature
+            num_steps = self.cfg.diffusion.sample_steps if num_steps is None else num_steps
+        return temperature, top_k, num_steps
+
+    def empty_tokens(self, batch: int, device) -> torch.Tensor:
+        shape = (batch, self.num_tokens) if self.discrete else (batch, self.num_tokens, self.channels)
+        return torch.zeros(shape, dtype=torch.long if self.discrete else torch.float32, device=device)
+
+    def sample_token(self, z: torch.Tensor, gens, temperature, top_k, num_steps) -> torch.Tensor:
+        """One token per row of the condition ``z`` [B, D], row i drawn with ``gens[i]``."""
+        if self.discrete:
+            return sample_logits(self.output(z), temperature, top_k, gens)
+        return self.output.sample(z, num_steps, temperature, gens)
 
 
 def _make_cache(batch: int, length: int):

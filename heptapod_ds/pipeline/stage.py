@@ -137,6 +137,19 @@ class PipelineStage(nn.Module):
         own = {n for n, _ in self.named_parameters()}
         return {n for n in self._model.no_weight_decay() if n in own}
 
+    @torch.no_grad()
+    def generate(self, labels: torch.Tensor, seeds: torch.Tensor, temperature: Optional[float] = None,
+                 top_k: Optional[int] = None, num_steps: Optional[int] = None,
+                 use_kv_cache: bool = True) -> torch.Tensor:
+        """:meth:`HeptapodModel.generate` across the stages (collective over the pipeline group; every
+        stage passes the same labels and seeds and gets the tokens)."""
+        from .generate import pipelined_generate
+
+        if not use_kv_cache:
+            raise ValueError("pipelined generation always uses the KV cache (each stage caches its own layers); "
+                             "compare against HeptapodModel.generate(use_kv_cache=False) at PP=1.")
+        return pipelined_generate(self, labels, seeds, temperature, top_k, num_steps)
+
     def forward(self, tokens: torch.Tensor, labels: torch.Tensor,
                 sample_seeds: Optional[torch.Tensor] = None):
         model, links = self._model, self.stage.links
