@@ -121,6 +121,11 @@ class PipelineStage(nn.Module):
         self.head = model.head if model.head is not None and any(
             l.startswith("head") for l in self.stage.links) else None
         self.output = model.output
+        adopted = {id(p) for p in self.parameters()}
+        lost = [n for n, p in model.named_parameters() if id(p) not in adopted]
+        if lost:
+            raise RuntimeError(f"pipeline stage {stage} dropped parameters it should run: {lost[:3]}; "
+                               f"the split and the pruning disagree.")
         # the pruned whole model: its methods (draws, loss) run on the adopted modules
         self.__dict__["_model"] = model
         self.cfg = model.cfg
