@@ -163,10 +163,12 @@ class DiffusionLoss(nn.Module):
 
 
 def _repeat_index(counts: torch.Tensor, mul: int) -> torch.Tensor:
-    """Row indices that repeat each image's rows ``mul`` times, image by image."""
-    out, offset = [], 0
-    for count in counts.tolist():
-        rows = torch.arange(offset, offset + count)
-        out.append(rows.repeat(mul))
-        offset += count
-    return torch.cat(out) if out else torch.zeros(0, dtype=torch.long)
+    """Row indices that repeat each image's rows ``mul`` times, image by image (vectorised)."""
+    counts = counts.to(torch.long)
+    if counts.numel() == 0 or int(counts.sum()) == 0:
+        return torch.zeros(0, dtype=torch.long)
+    offsets = torch.cumsum(counts, 0) - counts                  # first row of each image
+    block = counts * mul                                         # repeated rows of each image
+    image = torch.repeat_interleave(torch.arange(len(counts)), block)
+    within = torch.arange(int(block.sum())) - (torch.cumsum(block, 0) - block)[image]
+    return offsets[image] + within % counts[image]
