@@ -21,9 +21,10 @@ import numpy as np
 import torch
 
 from ..config.schema import HeptapodConfig
-from ..tokenizers.base import codes_to_tokens, moments_to_tokens
+from ..tokenizers.base import codes_to_tokens
 from .format import INDEX, LABEL, SOURCE_INDEX, open_reader, view_fields
-from .order import flip_choices, global_batches_per_epoch, posterior_noise, rank_epoch_indices
+from .order import flip_choices, global_batches_per_epoch, noise_keys, rank_epoch_indices
+from .posterior import posterior_tokens
 from .ffcv_compat import ensure_patched as ensure_ffcv_patched
 
 log = logging.getLogger(__name__)
@@ -148,24 +149,25 @@ class TrainLoader:
                                        f"{epoch}, expected {expected[step][:4].tolist()}...; the beton's index "
                                        f"field does not match its rows (re-run tools/pretokenize.py).")
                 labels = fields[LABEL].reshape(-1).long().clone()
-                stored = fields[view_names[0]]
-                if self.random_flip:
-                    flip = torch.from_numpy(flip_choices(self.seed, epoch, expected[step]))
-                    mask = flip.view(-1, *([1] * (stored.dim() - 1)))
-                    stored = torch.where(mask, fields[view_names[1]], stored)
-                yield self._to_tokens(stored, epoch, expected[step]), labels, ids
+                flips = flip_choices(self.seed, epoch, expected[step]) if self.random_flip else None
+                second = fields[view_names[1]] if self.random_flip else None
+                yield self._to_tokens(fields[view_names[0]], second, flips, epoch, expected[step]), labels, ids
         finally:
             close = getattr(iterator, "close", None)
             if close is not None:
                 close()
             self._release(ffcv)
 
-    def _to_tokens(self, stored: torch.Tensor, epoch: int, indices: np.ndarray) -> torch.Tensor:
+    def _to_tokens(self, stored: torch.Tensor, flipped: Optional[torch.Tensor], flips: Optional[np.ndarray],
+                   epoch: int, indices: np.ndarray) -> torch.Tensor:
+        """Each sample's view (``flipped`` where ``flips``) as model tokens; latents get their posterior
+        noise of (seed, epoch, index) in one compiled pass (:mod:`.posterior`)."""
         if self.is_discrete:
+            if flips is not None:
+                mask = torch.from_numpy(flips).view(-1, *([1] * (stored.dim() - 1)))
+                stored = torch.where(mask, flipped, stored)
             return codes_to_tokens(stored)
-        c = stored.shape[1] // 2
-        noise = posterior_noise(self.seed, epoch, indices, (c, *stored.shape[2:]))
-        return moments_to_tokens(stored, noise, self.scale_factor)
+        return posterior_tokens(stored, flipped, flips, noise_keys(self.seed, epoch, indices), self.scale_factor)
 
 
 def build_train_loader(cfg: HeptapodConfig, dp_rank: int, dp_size: int, start_epoch: int = 0,

@@ -63,12 +63,13 @@ def flip_choices(seed: int, epoch: int, indices: np.ndarray) -> np.ndarray:
     return (sample_keys(seed, epoch, indices, _FLIP_LANE) >> np.uint64(63)).astype(bool)
 
 
+def noise_keys(seed: int, epoch: int, indices: np.ndarray) -> np.ndarray:
+    """The key of each sample's posterior-noise stream (see :mod:`.posterior`)."""
+    return sample_keys(seed, epoch, np.asarray(indices), _NOISE_LANE)
+
+
 def posterior_noise(seed: int, epoch: int, indices: np.ndarray, shape) -> torch.Tensor:
     """Standard normal noise [len(indices), *shape], each sample from its own (seed, epoch, index) stream."""
-    keys = sample_keys(seed, epoch, indices, _NOISE_LANE) >> np.uint64(1)  # manual_seed takes < 2^63
-    gen = torch.Generator()
-    out = torch.empty((len(indices), *shape))
-    for i, key in enumerate(keys.tolist()):
-        gen.manual_seed(key)
-        torch.randn(shape, generator=gen, out=out[i])
-    return out
+    from .posterior import normals
+
+    return normals(noise_keys(seed, epoch, indices), tuple(shape))
