@@ -42,6 +42,12 @@ PRESETS: Dict[str, Dict[str, Any]] = {
              # Sampling temperature 0.85 (no guidance): 81.9% class-consistency / Fréchet 1.89 at 400 steps,
              # against 76.3% / 1.98 at temperature 1.0.
              "sampling": {"batch_size": 250, "temperature": 0.85}, "checkpoint": {"save_every": 200}},
+    # The CPU benchmark size (python -m heptapod_ds.bench): the digits data of tiny, layers 4x wider in
+    # FLOPs so that matrix multiplies dominate the step, as they do at ImageNet scale.
+    "small": {"backbone": {"depth": 4, "width": 256, "num_heads": 4},
+              "head": {"depth": 2, "width": 256, "num_heads": 4},
+              "train": {"steps": 400, "global_batch_size": 32, "micro_batch_size": 32},
+              "data": {"num_workers": 1, "random_flip": False}},
     "B": _imagenet(backbone_depth=16, head_depth=8, width=768, heads=12, diff_depth=6, diff_width=1024),
     "L": _imagenet(backbone_depth=20, head_depth=12, width=1024, heads=16, diff_depth=8, diff_width=1280),
     "XL": _imagenet(backbone_depth=22, head_depth=14, width=1152, heads=16, diff_depth=10, diff_width=1408),

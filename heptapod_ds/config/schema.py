@@ -192,7 +192,7 @@ class EvalConfig:
 
 @dataclass
 class HeptapodConfig:
-    preset: str = F("tiny", "Size preset: tiny, B, L, XL or H.")
+    preset: str = F("tiny", "Size preset: tiny, small (CPU benchmark), B, L, XL or H.")
     run_dir: str = F("runs/default", "Directory for checkpoints, config.yaml, metrics.jsonl and samples.")
     tokenizer: TokenizerConfig = F(TokenizerConfig, "Visual tokenizer.")
     backbone: BackboneConfig = F(BackboneConfig, "Causal Transformer backbone.")
@@ -239,5 +239,5 @@ CHOICES = {
     "parallel.backend": ("auto", "nccl", "gloo"),
     "parallel.precision": ("auto", "bf16", "fp32"),
     "logging.wandb_mode": ("auto", "online", "offline", "disabled"),
-    "preset": ("tiny", "B", "L", "XL", "H"),
+    "preset": ("tiny", "small", "B", "L", "XL", "H"),
 }

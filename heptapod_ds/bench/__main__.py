@@ -1,0 +1,171 @@
+"""python -m heptapod_ds.bench [--quick] [--json OUT] [--only NAME[,NAME]] [--device cpu|cuda]
+
+Runs every benchmark row in one process (the memory row spawns two gloo ranks), prints one table and
+optionally writes the rows as JSON. Rows: train, sampling, memory, loader, gpu. ``--quick`` shrinks
+repeats and sizes so that CI finishes in about two minutes; the full run takes under ten on 2 cores.
+"""
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import logging
+import os
+import platform
+import sys
+import time
+import warnings
+from typing import Dict, List
+
+ROWS = ("train", "sampling", "memory", "loader", "gpu")
+log = logging.getLogger("heptapod_ds.bench")
+
+
+def _single_rank(device: str):
+    from heptapod_ds.distributed import parallel_state
+    from heptapod_ds.distributed.launch_env import LaunchEnv, free_port
+
+    if not parallel_state.is_initialized():
+        env = LaunchEnv(rank=0, world_size=1, local_rank=0, master_addr="127.0.0.1", master_port=free_port(),
+                        launcher="single")
+        parallel_state.initialize(tensor=1, pipeline=1, backend="nccl" if device == "cuda" else "gloo", seed=0,
+                                  launch=env)
+
+
+def machine() -> Dict[str, object]:
+    import torch
+
+    info = {"date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+            "host": platform.node(), "cpu": platform.processor() or platform.machine(),
+            "cores": os.cpu_count(), "torch": torch.__version__, "torch_threads": torch.get_num_threads(),
+            "load_average_1m": os.getloadavg()[0] if hasattr(os, "getloadavg") else None,
+            "cuda": torch.cuda.get_device_name() if torch.cuda.is_available() else None}
+    return info
+
+
+def _fmt_rate(x: float) -> str:
+    return f"{x:,.1f}" if x < 100 else f"{x:,.0f}"
+
+
+def describe(row: Dict) -> str:
+    """One table line per row: the measured value, its spread, and the comparison it is about."""
+    name = row["row"]
+    if name.startswith("train/"):
+        s = row["step_s"]
+        text = (f"step {s['median'] * 1e3:,.0f} ms [{s['min'] * 1e3:,.0f}-{s['max'] * 1e3:,.0f}]  "
+                f"{_fmt_rate(row['images_per_s'])} img/s  MFU {row['mfu'] * 100:.1f}%")
+        if "ratio_to_reference" in row:
+            r = row["ratio_to_reference"]
+            text += f"  x{r['median']:.3f} of reference [{r['min']:.3f}-{r['max']:.3f}]"
+        return text
+    if name == "mfu/matmul_peak":
+        return (f"fp32 matmul {row['matmul_size']}^3: {row['peak_flops_per_s'] / 1e9:,.1f} GFLOP/s "
+                f"({row['threads']} threads); model {row['train_flops_per_image'] / 1e6:,.1f} MFLOP/img")
+    if name.startswith("sampling/"):
+        text = f"{_fmt_rate(row['images_per_s'])} img/s (batch {row['batch']})"
+        if "speedup_over_no_cache" in row:
+            r = row["speedup_over_no_cache"]
+            sh = row["time_share"]
+            text += (f"  cache x{r['median']:.2f} [{r['min']:.2f}-{r['max']:.2f}]  time: backbone "
+                     f"{sh['backbone'] * 100:.0f}% head {sh['head'] * 100:.0f}% output {sh['output'] * 100:.0f}% "
+                     f"other {sh['other'] * 100:.0f}%")
+        return text
+    if name.startswith("memory/"):
+        mib = 2 ** 20
+        return (f"per rank (DP=2): params {row['params_bytes'] / mib:.2f} MiB, grads {row['grads_bytes'] / mib:.2f}, "
+                f"optimizer {row['optimizer_bytes'] / mib:.2f}, total {row['total_bytes'] / mib:.2f} "
+                f"= {row['fraction_of_zero0']:.2f} x ZeRO-0")
+    if name.startswith("loader/"):
+        f, m, r = row["ffcv_samples_per_s"], row["memmap_samples_per_s"], row["ratio"]
+        need = row["h200_45pct_mfu_need"]
+        return (f"ffcv {f['median']:,.0f} [{f['min']:,.0f}-{f['max']:,.0f}]  memmap {m['median']:,.0f} "
+                f"[{m['min']:,.0f}-{m['max']:,.0f}]  x{r['median']:.2f} [{r['min']:.2f}-{r['max']:.2f}]  "
+                f"{row['ffcv_per_worker']:,.0f}/worker; H200@45%: B {need['B']:,.0f}, H {need['H']:,.0f} img/s")
+    if name.startswith("gpu/"):
+        text = (f"{row['preset']} mb {row['micro_batch']} {row['precision']} {row['layers']}: "
+                f"{_fmt_rate(row['images_per_s'])} img/s, {row['achieved_flops_per_s'] / 1e12:.3f} TFLOP/s, "
+                f"MFU vs measured matmul {row['mfu_vs_measured_matmul'] * 100:.1f}%")
+        if "mfu" in row:
+            text += f", vs listed peak {row['mfu'] * 100:.1f}%"
+        if "memory_peak_gib" in row:
+            text += f", peak {row['memory_peak_gib']:.1f} GiB"
+        return text
+    return json.dumps(row)
+
+
+def run_rows(names: List[str], quick: bool, device: str) -> List[Dict]:
+    from . import gpu, loader, memory, sampling, train
+
+    rows: List[Dict] = []
+    cores = os.cpu_count() or 1
+    for name in names:
+        t0 = time.perf_counter()
+        log.info("bench row %s ...", name)
+        if name == "train":
+            _single_rank("cpu")
+            rows += train.run("small", micro_batch=16 if quick else 32, repeats=3 if quick else 7,
+                              peak_size=512 if quick else 1024)
+        elif name == "sampling":
+            _single_rank("cpu")
+            batch = 8 if quick else 32
+            rows += sampling.run("tiny", ["preset=tiny"], batch, repeats=2 if quick else 3)
+            rows += sampling.run("tiny-patch", ["preset=tiny", "tokenizer.name=patch", "tokenizer.channels=1"],
+                                 batch, repeats=2 if quick else 3, num_steps=10 if quick else 50)
+        elif name == "memory":
+            rows += memory.run("tiny" if quick else "small", micro_batch=4)
+        elif name == "loader":
+            rows += loader.run(samples=1024 if quick else 8192, batch=128 if quick else 256,
+                               repeats=2 if quick else 5, max_batches=6 if quick else 16,
+                               workers=list(range(1, cores + 1)))
+        elif name == "gpu":
+            _single_rank(device)
+            rows += gpu.run(device, quick)
+        log.info("bench row %s done in %.0fs", name, time.perf_counter() - t0)
+    return rows
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m heptapod_ds.bench", description=__doc__.split("\n\n")[1],
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--quick", action="store_true", help="small sizes and few repeats (CI, ~2 minutes)")
+    parser.add_argument("--json", metavar="OUT", help="write the machine description and every row to this file")
+    parser.add_argument("--only", metavar="NAME", action="append",
+                        help=f"run only these rows (repeat or comma-separate): {', '.join(ROWS)}")
+    parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu",
+                        help="device of the gpu row (the other rows are CPU measurements)")
+    args = parser.parse_args(argv)
+    names = [n for item in (args.only or []) for n in item.split(",") if n] or list(ROWS)
+    unknown = [n for n in names if n not in ROWS]
+    if unknown:
+        parser.error(f"unknown row(s) {unknown}; choose from {', '.join(ROWS)}.")
+    if args.device == "cuda":
+        import torch
+        if not torch.cuda.is_available():
+            parser.error("--device cuda but torch sees no CUDA device; run with --device cpu.")
+    os.environ.setdefault("DS_ACCELERATOR", "cuda" if args.device == "cuda" else "cpu")
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", stream=sys.stderr)
+    warnings.filterwarnings("ignore")
+    for noisy in ("DeepSpeed", "deepspeed", "megatron", "heptapod_ds.engine", "torch.distributed"):
+        logging.getLogger(noisy).setLevel(logging.ERROR)
+    import torch
+
+    torch.set_num_threads(os.cpu_count() or 1)
+    env = machine()
+    t0 = time.perf_counter()
+    rows = run_rows(names, args.quick, args.device)
+    env["wall_s"] = time.perf_counter() - t0
+    env["quick"] = args.quick
+    width = max(len(r["row"]) for r in rows)
+    print(f"heptapod_ds.bench  {env['date']}  {env['cores']} cores  load {env['load_average_1m']}  "
+          f"{env['wall_s']:.0f}s{'  (quick)' if args.quick else ''}")
+    for row in rows:
+        print(f"{row['row']:<{width}}  {describe(row)}")
+    if args.json:
+        with open(args.json, "w") as fh:
+            json.dump({"machine": env, "rows": rows}, fh, indent=1)
+        log.info("wrote %s", args.json)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
