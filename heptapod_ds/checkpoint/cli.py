@@ -127,7 +127,8 @@ def _inspect_release(path: pathlib.Path) -> Dict[str, Any]:
             shapes[k] = sl.get_shape()
             dtypes[sl.get_dtype()] = dtypes.get(sl.get_dtype(), 0) + 1
     numels = [(k, _numel(s)) for k, s in shapes.items()]
-    return {"kind": "release", "path": str(path), "preset": cfg.preset, "step": rel.get("source", {}).get("step"),
+    return {"kind": "release", "path": str(path), "preset": cfg.preset,
+            "step": rel.get("source", {}).get("step"),
             "source_layout": rel.get("source", {}).get("layout"), "weights": rel.get("weights"),
             "dtype": rel.get("dtype"), "tensor_dtypes": dtypes, "num_parameters": sum(n for _, n in numels),
             "parameters_per_module": _module_counts(numels),
@@ -218,7 +219,8 @@ def verify_training(path) -> List[str]:
         for f in files:
             try:
                 safe_load.load(f, allow_deepspeed=True, mmap=True)
-            except (safe_load.CorruptCheckpointError, safe_load.UnsafeCheckpointError, FileNotFoundError) as e:
+            except (safe_load.CorruptCheckpointError, safe_load.UnsafeCheckpointError,
+                    FileNotFoundError) as e:
                 msg = str(e)
                 if not any(str(f) in p for p in problems):
                     problems.append(msg)
@@ -245,11 +247,14 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("-v", "--verbose", action="store_true", help="log at DEBUG level")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    p = sub.add_parser("to-release", help="training checkpoint -> release folder (model.safetensors, config.json, "
+    p = sub.add_parser("to-release", help="training checkpoint -> release folder (model.safetensors, "
+                                          "config.json, "
                                           "release.json)",
-                       description="Consolidate a training checkpoint of any layout (ZeRO 0-3, any DP/TP) into a "
+                       description="Consolidate a training checkpoint of any layout (ZeRO 0-3, any DP/TP) "
+                                   "into a "
                                    "release folder with canonical parameter names.")
-    p.add_argument("--ckpt", required=True, help="run directory, its checkpoints/ folder, or a global_stepN folder "
+    p.add_argument("--ckpt", required=True, help="run directory, its checkpoints/ folder, or a global_stepN "
+                                                 "folder "
                                                  "(the newest complete checkpoint is taken)")
     p.add_argument("--out", required=True, help="release folder to write")
     p.add_argument("--weights", choices=("auto", "ema", "raw"), default="auto",
@@ -266,7 +271,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_inspect)
 
     p = sub.add_parser("verify", help="check every file against its recorded hash / layout",
-                       description="Check a release (sha256 of release.json) or a training checkpoint (hashes "
+                       description="Check a release (sha256 of release.json) or a training checkpoint "
+                                   "(hashes "
                                    "of heptapod_meta.json when recorded; every shard present and readable). "
                                    "Exit status 1 names each missing, truncated or altered file.")
     p.add_argument("path", help="release folder, run directory, checkpoints/ folder or global_stepN folder")

@@ -71,7 +71,8 @@ class ParamSpec:
         if self.split_dim is None or tp == 1:
             return self.shape
         if self.shape[self.split_dim] % tp:
-            raise ValueError(f"'{self.name}': size {self.shape[self.split_dim]} along dim {self.split_dim} is "
+            raise ValueError(f"'{self.name}': size {self.shape[self.split_dim]} along dim {self.split_dim} "
+                             f"is "
                              f"not divisible by tensor={tp}.")
         s = list(self.shape)
         s[self.split_dim] //= tp
@@ -87,6 +88,38 @@ class ParamSpec:
         if self.split_dim is None or len(shards) == 1:
             return shards[0]
         return torch.cat(shards, dim=self.split_dim)
+
+
+def saved_config(data: Dict, where) -> "object":
+    """The HeptapodConfig of a saved run (checkpoint meta, release config.json).
+
+    Keys this version of the code no longer has are dropped with a warning naming them, so that an
+    old checkpoint stays convertible; the fields that define the model are checked by the callers.
+    """
+    import logging
+
+    from heptapod_ds.config.loader import all_keys, from_dict
+
+    known = set(all_keys())
+
+    def prune(d: Dict, prefix: str, dropped: List[str]) -> Dict:
+        out = {}
+        for k, v in d.items():
+            dotted = prefix + str(k)
+            if isinstance(v, dict) and any(key.startswith(dotted + ".") for key in known):
+                out[k] = prune(v, dotted + ".", dropped)
+            elif dotted in known:
+                out[k] = v
+            else:
+                dropped.append(dotted)
+        return out
+
+    dropped: List[str] = []
+    pruned = prune(data, "", dropped)
+    if dropped:
+        logging.getLogger(__name__).warning("%s: ignoring config keys this version does not have: %s", where,
+                                            ", ".join(dropped))
+    return from_dict(pruned)
 
 
 def model_spec(cfg) -> List[ParamSpec]:

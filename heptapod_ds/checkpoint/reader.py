@@ -21,7 +21,7 @@ from heptapod_ds.engine import safe_load
 from heptapod_ds.engine.checkpoint import META, TAG_RE
 
 from . import zero_layout as zl
-from .names import ParamSpec, is_extra_state, model_spec, to_canonical
+from .names import ParamSpec, is_extra_state, model_spec, saved_config, to_canonical
 
 log = logging.getLogger(__name__)
 
@@ -45,7 +45,8 @@ def resolve_tag_dir(path) -> pathlib.Path:
                            if (m := TAG_RE.match(c.name)) and (c / META).is_file())
             if found:
                 return found[-1][1]
-    raise FileNotFoundError(f"{path} holds no complete training checkpoint (a global_stepN folder with {META}); "
+    raise FileNotFoundError(f"{path} holds no complete training checkpoint (a global_stepN folder with "
+                            f"{META}); "
                             f"pass a run directory, its checkpoints/ folder or a global_stepN folder.")
 
 
@@ -53,8 +54,6 @@ class TrainingCheckpoint:
     """One training checkpoint; see the module docstring."""
 
     def __init__(self, path, specs: Optional[List[ParamSpec]] = None):
-        from heptapod_ds.config.loader import from_dict
-
         self.dir = resolve_tag_dir(path)
         try:
             self.meta: Dict[str, Any] = json.loads((self.dir / META).read_text())
@@ -64,7 +63,7 @@ class TrainingCheckpoint:
         lay = self.meta["layout"]
         self.tp, self.pp, self.dp, self.zero = (int(lay["tensor"]), int(lay["pipeline"]), int(lay["dp"]),
                                                 int(lay["zero_stage"]))
-        self.cfg = from_dict(self.meta["config"])
+        self.cfg = saved_config(self.meta["config"], self.dir / META)
         self.has_ema = bool(self.meta.get("has_ema", False))
         self.specs = specs if specs is not None else model_spec(self.cfg)
         self.by_name = {s.name: s for s in self.specs}
@@ -112,7 +111,8 @@ class TrainingCheckpoint:
         if missing:
             raise CheckpointFormatError(
                 f"checkpoint {self.dir} (layout {self.layout()}) is incomplete: missing "
-                f"{', '.join(missing[:6])}{' ...' if len(missing) > 6 else ''}; copy the missing shard(s) back "
+                f"{', '.join(missing[:6])}{' ...' if len(missing) > 6 else ''}; copy the missing shard(s) "
+                f"back "
                 f"or use another checkpoint.")
         for p in files:
             try:
@@ -148,21 +148,28 @@ class TrainingCheckpoint:
         if kind not in KINDS:
             raise ValueError(f"kind must be one of {KINDS}, got {kind!r}")
         if kind == "ema" and not self.has_ema:
-            raise CheckpointFormatError(f"checkpoint {self.dir} has no EMA (train.ema_decay was 0); use the raw "
+            raise CheckpointFormatError(f"checkpoint {self.dir} has no EMA (train.ema_decay was 0); use the "
+                                        f"raw "
                                         f"weights (--weights raw).")
-        if self.pp != 1:
-            raise CheckpointFormatError(f"checkpoint {self.dir} has pipeline={self.pp}; reading pipeline stages "
-                                        f"is not supported yet.")
         shards: Dict[str, List[torch.Tensor]] = {}
         for tp_rank in range(self.tp):
-            local = self._ema_local(tp_rank) if kind == "ema" else self._local(kind, tp_rank)
+            local: Dict[str, torch.Tensor] = {}
+            for pp_rank in range(self.pp):  # pipeline stages hold disjoint parts under the full names
+                part = (self._ema_local(tp_rank, pp_rank) if kind == "ema"
+                        else self._local(kind, tp_rank, pp_rank))
+                twice = sorted(set(part) & set(local))
+                if twice:
+                    raise CheckpointFormatError(f"{self._stage(pp_rank)} holds {twice[:3]}, which an earlier "
+                                                f"pipeline stage of {self.dir} holds too.")
+                local.update(part)
             for name, t in local.items():
                 shards.setdefault(name, []).append(t)
             if progress:
                 progress(1)
         missing = [s.name for s in self.specs if s.name not in shards]
         if missing:
-            raise CheckpointFormatError(f"checkpoint {self.dir} lacks {kind} of {len(missing)} parameters of its "
+            raise CheckpointFormatError(f"checkpoint {self.dir} lacks {kind} of {len(missing)} parameters "
+                                        f"of its "
                                         f"model, e.g. {missing[:3]}.")
         out = {}
         for spec in self.specs:
@@ -173,15 +180,15 @@ class TrainingCheckpoint:
             out[spec.name] = full.float().contiguous() if full.dtype != torch.float32 else full.contiguous()
         return out
 
-    def _local(self, kind: str, tp_rank: int) -> Dict[str, torch.Tensor]:
+    def _local(self, kind: str, tp_rank: int, pp_rank: int = 0) -> Dict[str, torch.Tensor]:
         if self.zero == 0:
-            return self._local_zero0(kind, tp_rank)
+            return self._local_zero0(kind, tp_rank, pp_rank)
         if self.zero in (1, 2):
-            return self._local_zero12(kind, tp_rank)
-        return self._local_zero3(kind, tp_rank)
+            return self._local_zero12(kind, tp_rank, pp_rank)
+        return self._local_zero3(kind, tp_rank, pp_rank)
 
-    def _local_zero0(self, kind: str, tp_rank: int) -> Dict[str, torch.Tensor]:
-        path = self._stage() / zl.model_file(0, tp_rank, 0)
+    def _local_zero0(self, kind: str, tp_rank: int, pp_rank: int) -> Dict[str, torch.Tensor]:
+        path = self._stage(pp_rank) / zl.model_file(0, tp_rank, 0)
         sd = self._load(path)
         module = sd["module"]
         names = [n for n in module if self._canon(n, path) is not None]
@@ -210,13 +217,13 @@ class TrainingCheckpoint:
         groups = sorted({self.by_name[n].group for n in names})
         return [n for g in groups for n in names if self.by_name[n].group == g]
 
-    def _local_zero12(self, kind: str, tp_rank: int) -> Dict[str, torch.Tensor]:
-        mpath = self._stage() / zl.model_file(self.zero, tp_rank, 0)
+    def _local_zero12(self, kind: str, tp_rank: int, pp_rank: int) -> Dict[str, torch.Tensor]:
+        mpath = self._stage(pp_rank) / zl.model_file(self.zero, tp_rank, 0)
         ms = self._load(mpath)
         group_shapes = ms["param_shapes"]
         flats: List[List[torch.Tensor]] = [[] for _ in group_shapes]
         for d in range(self.dp):
-            path = self._optim_path(tp_rank, d)
+            path = self._optim_path(tp_rank, d, pp_rank)
             osd = self._load(path)["optimizer_state_dict"]
             for g in range(len(group_shapes)):
                 lean = osd["single_partition_of_fp32_groups"][g]
@@ -241,12 +248,12 @@ class TrainingCheckpoint:
                 offset += n
         return out
 
-    def _local_zero3(self, kind: str, tp_rank: int) -> Dict[str, torch.Tensor]:
-        mpath = self._stage() / zl.model_file(3, tp_rank, 0)
+    def _local_zero3(self, kind: str, tp_rank: int, pp_rank: int) -> Dict[str, torch.Tensor]:
+        mpath = self._stage(pp_rank) / zl.model_file(3, tp_rank, 0)
         sub_groups = self._load(mpath)["param_shapes"]
         pieces: List[List[torch.Tensor]] = [[] for _ in sub_groups]
         for d in range(self.dp):
-            path = self._optim_path(tp_rank, d)
+            path = self._optim_path(tp_rank, d, pp_rank)
             osd = self._load(path)["optimizer_state_dict"]
             for sg in range(len(sub_groups)):
                 if kind == "fp32":
@@ -270,15 +277,17 @@ class TrainingCheckpoint:
                 offset += k
         return out
 
-    def _ema_local(self, tp_rank: int) -> Dict[str, torch.Tensor]:
-        first = self.rank_state(zl.global_rank(tp_rank, 0, 0, self.tp, self.dp))["ema"]
+    def _ema_local(self, tp_rank: int, pp_rank: int = 0) -> Dict[str, torch.Tensor]:
+        first = self.rank_state(zl.global_rank(tp_rank, 0, pp_rank, self.tp, self.dp))["ema"]
         if first is None:
-            raise CheckpointFormatError(f"{self.dir}/heptapod_rank{zl.global_rank(tp_rank, 0, 0, self.tp, self.dp):05d}.pt "
+            owner = zl.global_rank(tp_rank, 0, pp_rank, self.tp, self.dp)
+            raise CheckpointFormatError(f"{self.dir}/heptapod_rank{owner:05d}.pt "
                                         f"holds no EMA although {META} says has_ema.")
         names = list(first["names"])
         if not first["partitioned"]:
             return {self._canon(n, self.dir): t for n, t in zip(names, first["shadow"])}
-        per_rank = [first["shadow"]] + [self.rank_state(zl.global_rank(tp_rank, d, 0, self.tp, self.dp))["ema"]["shadow"]
+        per_rank = [first["shadow"]] + [
+            self.rank_state(zl.global_rank(tp_rank, d, pp_rank, self.tp, self.dp))["ema"]["shadow"]
                                         for d in range(1, self.dp)]
         out = {}
         for i, n in enumerate(names):
@@ -307,7 +316,8 @@ class TrainingCheckpoint:
             state = state["state"] if isinstance(state, dict) else dict(enumerate(state))
             steps = {float(s["step"]) for s in state.values() if "step" in s} or {0.0}
         if len(steps) != 1:
-            raise CheckpointFormatError(f"checkpoint {self.dir}: AdamW step counts differ between groups {steps}.")
+            raise CheckpointFormatError(f"checkpoint {self.dir}: AdamW step counts differ between groups "
+                                        f"{steps}.")
         return int(steps.pop())
 
     def nbytes_by_file(self) -> Dict[str, int]:

@@ -59,7 +59,8 @@ def write_release(out: pathlib.Path, tensors: Dict[str, torch.Tensor], cfg, sour
 
     torch_dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[dtype]
     converted = {k: v.to(torch_dtype).contiguous() for k, v in tensors.items()}
-    save_file(converted, str(out / WEIGHTS_FILE), metadata={"format": FORMAT, "weights": weights, "dtype": dtype})
+    save_file(converted, str(out / WEIGHTS_FILE),
+              metadata={"format": FORMAT, "weights": weights, "dtype": dtype})
     del converted
     config = {"format": FORMAT, "format_version": FORMAT_VERSION, "config": to_dict(cfg)}
     (out / CONFIG_FILE).write_text(json.dumps(config, indent=1, default=str) + "\n")
@@ -93,7 +94,8 @@ def verify_release(path) -> List[str]:
         if not f.is_file():
             problems.append(f"{f} is missing.")
         elif f.stat().st_size != rec["size"]:
-            problems.append(f"{f} has {f.stat().st_size} bytes, {rec['size']} recorded (truncated or replaced).")
+            problems.append(f"{f} has {f.stat().st_size} bytes, {rec['size']} recorded (truncated or "
+                            f"replaced).")
         elif sha256_file(f) != rec["sha256"]:
             problems.append(f"{f} does not match its recorded sha256 (altered).")
     return problems
@@ -101,7 +103,9 @@ def verify_release(path) -> List[str]:
 
 def load_release_config(path):
     """The :class:`HeptapodConfig` of a release (validated for one process)."""
-    from heptapod_ds.config.loader import from_dict, validate
+    from heptapod_ds.config.loader import validate
+
+    from .names import saved_config
 
     path = pathlib.Path(path)
     cfg_file = path / CONFIG_FILE
@@ -114,7 +118,7 @@ def load_release_config(path):
         raise ReleaseError(f"{cfg_file} is not valid JSON ({e}).") from None
     if data.get("format") != FORMAT:
         raise ReleaseError(f"{cfg_file} is not a {FORMAT} config (format={data.get('format')!r}).")
-    cfg = from_dict(data["config"])
+    cfg = saved_config(data["config"], cfg_file)
     cfg.parallel.tensor, cfg.parallel.pipeline, cfg.parallel.world_size = 1, 1, 0
     cfg.train.grad_accum = 0
     cfg.parallel.ds_config = None
@@ -145,11 +149,14 @@ def load_release(path, verify: bool = False) -> Tuple[Any, Dict[str, torch.Tenso
     return cfg, state
 
 
-def _check_names(model_names: List[str], state: Dict[str, torch.Tensor], where) -> None:
+def _check_names(model_names: List[str], state: Dict[str, torch.Tensor], where, part: bool = False) -> None:
+    """The model's names must all be in ``state``; unless the model is one pipeline stage (``part``),
+    ``state`` must hold nothing else."""
     missing = sorted(set(model_names) - set(state))
-    extra = sorted(set(state) - set(model_names))
+    extra = [] if part else sorted(set(state) - set(model_names))
     if missing or extra:
-        raise ReleaseError(f"{where} does not fit the model: missing {missing[:3]} ({len(missing)}), unexpected "
+        raise ReleaseError(f"{where} does not fit the model: missing {missing[:3]} ({len(missing)}), "
+                           f"unexpected "
                            f"{extra[:3]} ({len(extra)}); was it made for another preset or model config?")
 
 
@@ -164,7 +171,7 @@ def load_state_into(model: torch.nn.Module, state: Dict[str, torch.Tensor], wher
     tp = mps.get_tensor_model_parallel_world_size()
     tp_rank = mps.get_tensor_model_parallel_rank()
     named = list(model.named_parameters())
-    _check_names([to_canonical(n) for n, _ in named], state, where)
+    _check_names([to_canonical(n) for n, _ in named], state, where, part=hasattr(model, "split"))
     for name, p in named:
         full = state[to_canonical(name)]
         if getattr(p, "tensor_model_parallel", False) and tp > 1:
@@ -197,7 +204,8 @@ def check_release_matches(run_cfg, release_cfg, path) -> None:
              if _get(theirs, k) != _get(mine, k)]
     if diffs:
         raise ReleaseError(f"release {path} ({pathlib.Path(path) / CONFIG_FILE}) is another model:\n  - "
-                           + "\n  - ".join(diffs) + "\nSet these fields to the release's values or use another "
+                           + "\n  - ".join(diffs) + "\nSet these fields to the release's values or use "
+                                                    "another "
                                                     "release.")
 
 

@@ -181,7 +181,8 @@ class LayoutWriter:
         return {"module": module, "buffer_names": [], "optimizer": optimizer, "param_shapes": param_shapes,
                 "frozen_param_shapes": frozen, "shared_params": {} if self.zero >= 1 else None,
                 "frozen_param_fragments": {} if self.zero >= 2 else None, "lr_scheduler": dict(self.sched),
-                "data_sampler": None, "random_ltd": None, "skipped_steps": int(s.counters.get("skipped_steps", 0)),
+                "data_sampler": None, "random_ltd": None,
+                "skipped_steps": int(s.counters.get("skipped_steps", 0)),
                 "global_steps": int(s.counters.get("global_steps", s.optimizer_step)),
                 "global_samples": int(s.counters.get("global_samples",
                                                      s.optimizer_step * self.cfg.train.global_batch_size)),
@@ -201,8 +202,10 @@ class LayoutWriter:
                 if k in params:
                     continue
                 if torch.is_tensor(v):
-                    raise NotImplementedError(f"the model has a persistent buffer '{k}'; the checkpoint writer "
-                                              f"does not know its value (extend heptapod_ds/checkpoint/writer.py).")
+                    raise NotImplementedError(f"the model has a persistent buffer '{k}'; the checkpoint "
+                                              f"writer "
+                                              f"does not know its value (extend "
+                                              f"heptapod_ds/checkpoint/writer.py).")
                 extras[k] = v
             self._extras_cache = (extras, [n for n, _ in model.named_parameters()], model)
         return self._extras_cache
@@ -294,12 +297,14 @@ class LayoutWriter:
                                             "param_groups": [dict(pg, params=[i]) for i, pg in
                                                              enumerate(self.param_groups)]},
                    "single_partition_of_fp32_groups": lean,
-                   "zero_stage": ZeroStageEnum.gradients if self.zero == 2 else ZeroStageEnum.optimizer_states,
-                   "group_paddings": paddings, "param_alignment_paddings": [[0] * len(g) for g in self.groups],
+                   "zero_stage": (ZeroStageEnum.gradients if self.zero == 2
+                                  else ZeroStageEnum.optimizer_states),
+                   "group_paddings": paddings,
+                   "param_alignment_paddings": [[0] * len(g) for g in self.groups],
                    "partition_count": [self.dp] * len(self.groups), "ds_version": self.ds_version,
                    "param_slice_mappings": mappings}
-            self._save_optim({"optimizer_state_dict": osd, "ds_config": self.ds, "ds_version": self.ds_version},
-                             r, d)
+            self._save_optim({"optimizer_state_dict": osd, "ds_config": self.ds,
+                              "ds_version": self.ds_version}, r, d)
 
     def _zero3_sub_groups(self) -> List[List[ParamSpec]]:
         size = int(self.ds["zero_optimization"].get("sub_group_size", 1_000_000_000))
@@ -328,9 +333,10 @@ class LayoutWriter:
                       for gi, pg in enumerate(self.param_groups)]
             osd = {"zero_stage": ZeroStageEnum.weights, "loss_scaler": self._loss_scaler(),
                    "dynamic_loss_scale": False, "overflow": False, "partition_count": self.dp,
-                   "optimizer_state_dict": {"state": state, "param_groups": groups}, "fp32_flat_groups": flats}
-            self._save_optim({"optimizer_state_dict": osd, "ds_config": self.ds, "ds_version": self.ds_version},
-                             r, d)
+                   "optimizer_state_dict": {"state": state, "param_groups": groups},
+                   "fp32_flat_groups": flats}
+            self._save_optim({"optimizer_state_dict": osd, "ds_config": self.ds,
+                              "ds_version": self.ds_version}, r, d)
 
     # ------------------------------------------------------------------ ours
     def _ema_state(self, r: int, d: int) -> Optional[Dict[str, Any]]:

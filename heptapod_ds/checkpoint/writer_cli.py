@@ -17,7 +17,8 @@ def _layout_args(p) -> None:
     p.add_argument("--tensor", type=int, required=True, help="tensor-parallel size of the new layout")
     p.add_argument("--pipeline", type=int, default=1, help="pipeline-parallel size (only 1 is supported yet)")
     p.add_argument("--dp", type=int, required=True, help="data-parallel size of the new layout")
-    p.add_argument("--zero", type=int, required=True, choices=(0, 1, 2, 3), help="ZeRO stage of the new layout")
+    p.add_argument("--zero", type=int, required=True, choices=(0, 1, 2, 3), help="ZeRO stage of the new "
+                                                                                 "layout")
     p.add_argument("--force", action="store_true", help="replace an existing --out run of the same model")
 
 
@@ -29,8 +30,10 @@ def add_parsers(sub) -> None:
     p.add_argument("--ckpt", required=True, help="run directory, checkpoints/ folder or global_stepN folder")
     _layout_args(p)
     p.set_defaults(func=cmd_reshard)
-    p = sub.add_parser("from-release", help="release -> step-0 training checkpoint (fresh optimizer) to fine-tune",
-                       description="Build a training checkpoint of the given layout whose weights (and EMA) are "
+    p = sub.add_parser("from-release", help="release -> step-0 training checkpoint (fresh optimizer) to "
+                                            "fine-tune",
+                       description="Build a training checkpoint of the given layout whose weights (and EMA) "
+                                   "are "
                                    "the release's and whose optimizer state, LR schedule and data position "
                                    "start fresh.")
     p.add_argument("--release", required=True, help="release folder (model.safetensors + config.json)")
@@ -57,10 +60,12 @@ def check_out_run(out: pathlib.Path, cfg, force: bool) -> None:
         diffs = [f"{k}: existing run {_get(saved, k)!r}, this checkpoint {_get(mine, k)!r}"
                  for k in IDENTITY_FIELDS if _get(saved, k) != _get(mine, k)]
         if diffs:
-            raise ValueError(f"--out {out} holds a run of another model ({cfg_file}):\n  - " + "\n  - ".join(diffs)
+            raise ValueError(f"--out {out} holds a run of another model ({cfg_file}):\n  - "
+                             + "\n  - ".join(diffs)
                              + "\nChoose a new --out; --force does not mix two models in one run directory.")
     if not force:
-        raise OutputExistsError(f"output {out} already exists; pass --force to replace it, or choose another --out.")
+        raise OutputExistsError(f"output {out} already exists; pass --force to replace it, or choose "
+                                f"another --out.")
 
 
 def _normalise_position(data: Dict[str, Any], cfg) -> Dict[str, Any]:
@@ -109,7 +114,8 @@ def cmd_reshard(args) -> int:
     tcfg = target_config(src.cfg, args.tensor, args.pipeline, args.dp, args.zero)
     check_out_run(out, src.cfg, args.force)
     check_free(out, args.force)
-    log.info("reshard: %s (step %d, layout %s) -> %s with tensor=%d pipeline=%d dp=%d zero=%d", src.dir, src.step,
+    log.info("reshard: %s (step %d, layout %s) -> %s with tensor=%d pipeline=%d dp=%d zero=%d", src.dir,
+             src.step,
              src.layout(), out, args.tensor, args.pipeline, args.dp, args.zero)
     kinds = [k for k in KINDS if k != "ema" or src.has_ema]
     rank0 = src.rank_state(0)
@@ -135,7 +141,8 @@ def cmd_reshard(args) -> int:
     client["data"] = _normalise_position(client.get("data", {"epoch": 0, "global_batches": 0}), src.cfg)
     state = TrainingState(cfg=src.cfg, specs=src.specs, step=src.step, optimizer_step=src.optimizer_step(),
                           tensors=tensors_of, scheduler=ms["lr_scheduler"],
-                          counters={k: int(ms[k]) for k in ("global_steps", "global_samples", "skipped_steps")},
+                          counters={k: int(ms[k])
+                                    for k in ("global_steps", "global_samples", "skipped_steps")},
                           ema=src.ema_counters() or None, rng=rng,
                           megatron_rng=[src.rank_state(r)["rng"].get("megatron") for r in range(src.tp)],
                           client_state=client,
@@ -188,7 +195,8 @@ def cmd_from_release(args) -> int:
     weights = {k: v.float() for k, v in weights.items()}
     missing = [s.name for s in specs if s.name not in weights]
     if missing or len(weights) != len(specs):
-        raise ValueError(f"{args.release}/model.safetensors does not fit its config.json: missing {missing[:3]}.")
+        raise ValueError(f"{args.release}/model.safetensors does not fit its config.json: missing "
+                         f"{missing[:3]}.")
     ema = {"decay": cfg.train.ema_decay, "num_updates": 0} if cfg.train.ema_decay > 0 else None
     state = TrainingState(cfg=cfg, specs=specs, step=0, optimizer_step=0,
                           tensors=lambda kind: weights if kind in ("fp32", "ema") else None, scheduler=None,

@@ -58,7 +58,8 @@ def _refused_objects(path: pathlib.Path, error: Exception, allow_deepspeed: bool
     allowed = set(DEEPSPEED_GLOBALS) if allow_deepspeed else set()
     allowed = {a.replace(":", ".") for a in allowed}
     try:
-        found = [g for g in torch.serialization.get_unsafe_globals_in_checkpoint(str(path)) if g not in allowed]
+        found = [g for g in torch.serialization.get_unsafe_globals_in_checkpoint(str(path))
+                 if g not in allowed]
     except Exception:  # noqa: BLE001 - fall back to the error text
         found = []
     if not found:
@@ -75,7 +76,8 @@ def load(path, allow_deepspeed: bool = False, map_location: str = "cpu", mmap: b
     path = pathlib.Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"checkpoint file {path} is missing.")
-    ctx = torch.serialization.safe_globals(deepspeed_globals()) if allow_deepspeed else contextlib.nullcontext()
+    ctx = (torch.serialization.safe_globals(deepspeed_globals()) if allow_deepspeed
+           else contextlib.nullcontext())
     try:
         with ctx:
             return torch.load(path, map_location=map_location, weights_only=True, mmap=mmap)
@@ -83,14 +85,15 @@ def load(path, allow_deepspeed: bool = False, map_location: str = "cpu", mmap: b
         obj = _refused_objects(path, e, allow_deepspeed)
         raise UnsafeCheckpointError(
             f"refusing to load {path}: its pickle needs {obj}, which is not on the allowlist (tensors, "
-            f"plain python values{', DeepSpeed: ' + ', '.join(DEEPSPEED_GLOBALS) if allow_deepspeed else ''})."
+            f"plain python "
+            f"values{', DeepSpeed: ' + ', '.join(DEEPSPEED_GLOBALS) if allow_deepspeed else ''})."
             f" Loading it could run code; if you trust the file and it comes from a newer DeepSpeed, "
             f"add the object to heptapod_ds.engine.safe_load.DEEPSPEED_GLOBALS.") from None
     except (RuntimeError, EOFError, OSError, ValueError) as e:
         raise CorruptCheckpointError(f"cannot read checkpoint file {path} ({path.stat().st_size} bytes): "
                                      f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}. "
                                      f"The file is truncated or not a torch checkpoint; re-save it or use "
-                                     f"another checkpoint (tools/convert_ckpt.py verify names bad files).") from None
+                                     f"another checkpoint (convert_ckpt.py verify names bad files).") from None
 
 
 def load_rank_file(path) -> Any:
@@ -111,7 +114,7 @@ def safe_deepspeed_loads(engine) -> Iterator[None]:
 
     def _safe(path, map_location=None, *args, **kwargs):
         path = pathlib.Path(path)
-        if not path.exists():  # ZeRO optimizer files are "bf16_"-prefixed in bf16 runs only: take the other name
+        if not path.exists():  # ZeRO optimizer files are "bf16_"-prefixed in bf16 runs only: try the other
             other = path.with_name(path.name[5:] if path.name.startswith("bf16_") else "bf16_" + path.name)
             if other.is_file() and "zero_pp_rank_" in path.name:
                 path = other
