@@ -14,15 +14,16 @@ import torch
 
 
 def _bytes(tensors) -> int:
+    """Bytes of the distinct storages behind ``tensors`` (views into one flat buffer count it once)."""
     seen, total = set(), 0
     for t in tensors:
         if t is None or t.numel() == 0:
             continue
-        key = (t.untyped_storage().data_ptr(), t.storage_offset(), t.numel())
-        if key in seen:
+        storage = t.untyped_storage()
+        if storage.data_ptr() in seen:
             continue
-        seen.add(key)
-        total += t.numel() * t.element_size()
+        seen.add(storage.data_ptr())
+        total += storage.nbytes()
     return total
 
 
