@@ -49,7 +49,9 @@ def _status(r: RunResult) -> str:
         return "done"
     if r.failed:
         return f"failed (exit {r.attempts[-1].get('rc')})"
-    return {"partial": "interrupted", "new": "not run"}.get(r.state, r.state)
+    if r.state == "partial" or r.attempts:
+        return "interrupted" + (f" (last evaluated at step {r.evals[-1]['step']})" if r.evals else "")
+    return "not run"
 
 
 def render(grid: Grid, variants: Sequence[VariantResult], plots: Dict[Tuple[str, str], str], report_path: str,

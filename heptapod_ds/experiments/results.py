@@ -18,7 +18,9 @@ SCORES: Dict[str, Tuple[str, bool]] = {
     "frechet_distance": ("Fréchet distance (digits)", False),
     "fid": ("FID", False),
 }
-EVAL_MARKER = "eval_samples"  # present in every evaluation record of metrics.jsonl
+# Keys that mark an evaluation record of metrics.jsonl: the periodic scoring (eval.every) and the
+# in-training FID (eval.fid_every); records of one step are merged.
+EVAL_MARKERS = ("eval_samples", "fid_samples")
 
 
 @dataclass
@@ -102,8 +104,8 @@ def read_run(spec: RunSpec) -> RunResult:
                     rec = json.loads(line)
                 except json.JSONDecodeError:
                     continue  # a line cut short by a crash
-                if EVAL_MARKER in rec:
-                    by_step[int(rec["step"])] = rec
+                if any(k in rec for k in EVAL_MARKERS):
+                    by_step.setdefault(int(rec["step"]), {}).update(rec)
         result.evals = [by_step[s] for s in sorted(by_step)]
     record = read_record(spec.run_dir)
     if record is not None:
