@@ -156,7 +156,7 @@ def fid_during_training(trainer) -> Dict[str, float]:
     trainer.engine.train()
     size = cfg.tokenizer.image_size
     mine = np.concatenate(images) if images else np.zeros((0, size, size, 3), np.uint8)
-    out: Dict[str, float] = {"fid_samples": n}
+    out: Dict[str, float] = {"fid_samples": n, **trainer.progress()}  # curves against steps, images and FLOPs
     if cache["extractor"] is not None:
         stats = FeatureStats(cache["extractor"].dim)
         if len(mine):

@@ -169,7 +169,9 @@ class Trainer:
                 if cfg.eval.fid_every and self.step % cfg.eval.fid_every == 0:
                     from .evaluate import fid_during_training
 
+                    t_fid = time.time()
                     fid_during_training(self)
+                    self._eval_segment += time.time() - t_fid  # evaluation, not training, time
             if self.preempt.should_stop():
                 log.warning("%s received: saving at step %d, exiting with status %d (requeue)",
                             self.preempt.signal_name or "preemption signal", self.step, self.preempt.exit_code)

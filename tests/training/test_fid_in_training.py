@@ -40,9 +40,11 @@ def test_fid_during_training_logs_fid_and_digits_metrics(tmp_path, single_rank):
     logged = []
     trainer = types.SimpleNamespace(cfg=cfg, info=single_rank, device=torch.device("cpu"), ema=None, engine=model,
                                     model=model, step=7,
+                                    progress=lambda: {"images_seen": 448, "train_flops": 1.5e12},
                                     metrics=types.SimpleNamespace(log=lambda step, rec: logged.append((step, rec))))
     out = fid_during_training(trainer)
     assert np.isfinite(out["fid"]) and out["fid"] > 0 and out["fid_samples"] == 10
     assert 0 <= out["fid_digits_class_consistency"] <= 1 and out["fid_digits_frechet"] > 0
     assert logged and logged[0][0] == 7 and logged[0][1]["fid"] == out["fid"]
+    assert logged[0][1]["images_seen"] == 448 and logged[0][1]["train_flops"] == 1.5e12  # curves vs compute
     assert model.training
