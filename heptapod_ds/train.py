@@ -7,7 +7,9 @@
 The configuration is resolved and validated before any process group exists (``--print-config``
 shows it); then the parallel state is built, and :class:`heptapod_ds.training.Trainer` runs. Exit
 status: 0 when done, the requeue status after a preemption signal (checkpoint saved), 2 on a
-configuration error, 1 on any other failure.
+configuration error or an input file that does not fit the config (found before any process group
+exists or anything is written), 1 on any other failure (a damaged checkpoint with no intact one to
+fall back to, a checkpoint that cannot be written, a rank that died or hangs).
 """
 from __future__ import annotations
 
@@ -50,19 +52,60 @@ def parse_config(argv=None):
 
 def main(argv=None) -> int:
     _args, cfg = parse_config(argv)
+    from heptapod_ds.config import ConfigError
+    from heptapod_ds.data.format import BetonError
+    from heptapod_ds.training.preflight import check_inputs
+
+    try:  # before any process group exists and before anything is written to the run directory
+        check_inputs(cfg)
+    except (ConfigError, BetonError, FileNotFoundError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
     from heptapod_ds.distributed import parallel_state
     from heptapod_ds.monitor import setup_logging
     from heptapod_ds.training import Trainer
+    from heptapod_ds.distributed.failures import collective_failure
+    from heptapod_ds.engine import CheckpointCorrupt, CheckpointMismatch, CheckpointWriteError
 
     setup_logging()
     parallel_state.initialize(tensor=cfg.parallel.tensor, pipeline=cfg.parallel.pipeline,
-                              backend=cfg.parallel.backend, seed=cfg.train.seed)
+                              backend=cfg.parallel.backend, seed=cfg.train.seed,
+                              timeout_minutes=cfg.parallel.collective_timeout_s / 60)
+    trainer = None
     try:
         trainer = Trainer(cfg)
         trainer.setup()
         return trainer.run()
+    except (CheckpointCorrupt, CheckpointMismatch, CheckpointWriteError) as e:
+        print(f"error: {e}", file=sys.stderr)  # a message that says what to do; no traceback needed
+        return 1
+    except Exception as e:  # noqa: BLE001 - a failed collective must end this rank, not hang it
+        what = collective_failure(e)
+        if what is None:
+            raise
+        _exit_after_collective_failure(what, trainer, cfg)
     finally:
         parallel_state.destroy()
+
+
+def _exit_after_collective_failure(what: str, trainer, cfg) -> None:
+    """Say which step failed and where to restart from, then leave at once: the process-group tear-down
+    would wait for the rank that is gone."""
+    import traceback
+
+    from heptapod_ds.distributed import parallel_state
+
+    step = getattr(trainer, "step", None)
+    ckpt = getattr(trainer, "ckpt", None)
+    newest = ckpt.latest() if ckpt is not None else None
+    traceback.print_exc()
+    print(f"error: rank {parallel_state.rank()}: a collective operation failed"
+          f"{'' if step is None else f' during step {step + 1}'} ({what}). Another rank died or hangs (see its "
+          f"log; the wait is bounded by parallel.collective_timeout_s={cfg.parallel.collective_timeout_s}). The "
+          f"newest complete checkpoint is {newest or 'none'}; restart the job, checkpoint.resume=auto resumes "
+          f"from it.", file=sys.stderr, flush=True)
+    sys.stdout.flush()
+    os._exit(1)
 
 
 if __name__ == "__main__":

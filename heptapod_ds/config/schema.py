@@ -140,6 +140,8 @@ class ParallelConfig:
     backend: str = F("auto", "torch.distributed backend: auto (nccl with CUDA, gloo without), nccl or gloo.")
     precision: str = F("auto", "auto (bf16 on GPU, fp32 on CPU), bf16 or fp32.")
     ds_config: Optional[str] = F(None, "DeepSpeed JSON config; 'auto' values are filled from this config.")
+    collective_timeout_s: int = F(1800, "Seconds a collective waits for the other ranks before this rank stops "
+                                  "with an error (a dead or hung rank then ends the job instead of hanging it).")
 
     @property
     def model_parallel(self) -> int:
@@ -150,7 +152,10 @@ class ParallelConfig:
 class CheckpointConfig:
     save_every: int = F(500, "Save a checkpoint every N optimizer steps (0 = only at the end).")
     keep_last: int = F(2, "Keep the newest K complete checkpoints.")
-    resume: str = F("auto", "auto (newest complete checkpoint in run_dir), none, or a checkpoint path.")
+    resume: str = F("auto", "auto (newest complete checkpoint in run_dir that verifies), none, or a checkpoint "
+                    "path.")
+    verify: str = F("full", "Before resuming, check every checkpoint file against the size and SHA-256 recorded "
+                    "when it was written (full) or against its size only (size, for very large checkpoints).")
     from_release: Optional[str] = F(None, "Release folder (tools/convert_ckpt.py to-release) whose weights start "
                                     "the run in any layout, optimizer fresh; a resumed checkpoint takes precedence.")
 
@@ -238,6 +243,7 @@ CHOICES = {
     "schedule.decay": ("cosine", "constant"),
     "parallel.backend": ("auto", "nccl", "gloo"),
     "parallel.precision": ("auto", "bf16", "fp32"),
+    "checkpoint.verify": ("full", "size"),
     "logging.wandb_mode": ("auto", "online", "offline", "disabled"),
     "preset": ("tiny", "small", "B", "L", "XL", "H"),
 }

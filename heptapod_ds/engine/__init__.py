@@ -13,11 +13,12 @@ Typical use in a trainer::
 """
 from . import ds_config, schedule
 from .builder import build_engine
-from .checkpoint import CheckpointManager, CheckpointMismatch
+from .checkpoint import CheckpointManager, CheckpointMismatch, CheckpointWriteError
+from .integrity import CheckpointCorrupt, verify_checkpoint
 from .ema import EMA
-from .guards import REQUEUE_EXIT_CODE, NonFiniteGuard, NonFiniteLossError, PreemptionGuard
+from .guards import REQUEUE_EXIT_CODE, NonFiniteGuard, NonFiniteLossError, Preempted, PreemptionGuard
 from .step import StepResult, train_step
 
-__all__ = ["CheckpointManager", "CheckpointMismatch", "EMA", "NonFiniteGuard", "NonFiniteLossError",
-           "PreemptionGuard", "REQUEUE_EXIT_CODE", "StepResult", "build_engine", "ds_config", "schedule",
-           "train_step"]
+__all__ = ["CheckpointCorrupt", "CheckpointManager", "CheckpointMismatch", "CheckpointWriteError", "EMA",
+           "NonFiniteGuard", "NonFiniteLossError", "Preempted", "PreemptionGuard", "REQUEUE_EXIT_CODE", "StepResult",
+           "build_engine", "ds_config", "schedule", "train_step", "verify_checkpoint"]

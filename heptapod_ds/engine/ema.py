@@ -10,8 +10,18 @@ local ``lerp`` with no communication:
   partition, so the EMA costs 4 bytes per parameter *per data-parallel group*, not per rank, and
   every rank saves its own piece (``partitioned`` is True).
 
-The shadow follows the module's parameters, i.e. the weights after each optimizer step (bf16 on
-a bf16 run: the rounding noise of the bf16 copy averages out; the fp32 master is not read).
+The shadow follows DeepSpeed's fp32 master weights, not the module's copy: on a bf16 run the
+module holds the master rounded to bf16 (8 bits of mantissa), and a per-step change below that
+resolution never reaches it, so an EMA of the bf16 copy averages the rounding, not the training.
+Where the master lives:
+
+- ZeRO-3: ``safe_get_local_fp32_param`` gives this rank's fp32 partition, the shape of its shadow;
+- ZeRO-1/2 and DeepSpeed's bf16 optimizer under ZeRO-0: each parameter has an ``_hp_mapping`` whose
+  fp32 fragment (a contiguous piece of the flattened parameter, on one data-parallel rank) is updated
+  locally; the full shadow is made whole by :meth:`EMA.sync` (one all-reduce over the data-parallel
+  group, only before a save or a swap, never per step);
+- fp32 ZeRO-0: the module's parameters are the master.
+On an fp32 run the master and the module hold the same numbers, so the EMA is the same either way.
 
 :meth:`EMA.swap` puts the averaged weights into the live model and restores the trained weights
 afterwards, bit-exactly. Under ZeRO-3 it writes the partitions and re-gathers the parameters that
@@ -51,10 +61,29 @@ def _regather_if_available(param: torch.Tensor) -> None:
     param.data.copy_(full.view(param.ds_shape).to(param.dtype))
 
 
+def _master(param: torch.Tensor):
+    """(fp32 master data this rank holds for ``param``, flat offset into the shadow) or None if it holds none.
+
+    ``None`` as the tensor means: the module's own data is the master (fp32 ZeRO-0, or no DeepSpeed)."""
+    if _is_zero3(param) and hasattr(param, "_z3_optimizer"):
+        from deepspeed.utils import safe_get_local_fp32_param
+
+        local = safe_get_local_fp32_param(param)
+        if local is not None and local.numel() == param.ds_tensor.numel():
+            return local, 0
+        return None, 0
+    mapping = getattr(param, "_hp_mapping", False)
+    if mapping is False:  # no DeepSpeed fp32 master for this parameter
+        return None, 0
+    if mapping is None:  # ZeRO-1/2: another data-parallel rank holds all of this parameter's master
+        return "elsewhere", 0
+    return mapping.hp_fragment, mapping.lp_fragment_address.start
+
+
 class EMA:
     """fp32 shadow of this rank's parameter data; ``update()`` after every applied optimizer step."""
 
-    def __init__(self, engine, decay: float):
+    def __init__(self, engine, decay: float, follow: str = "master"):
         if not 0.0 < decay < 1.0:
             raise ValueError(f"EMA decay must be in (0, 1), got {decay}; train.ema_decay=0 means: "
                              f"build no EMA.")
@@ -65,9 +94,17 @@ class EMA:
         if not self._named:
             raise ValueError("EMA: the model has no trainable parameters.")
         self.partitioned = any(_is_zero3(p) for _, p in self._named)
+        if follow not in ("master", "module"):
+            raise ValueError(f"follow={follow!r}: 'master' (DeepSpeed's fp32 weights) or 'module' (the module's "
+                             f"own, possibly bf16, parameters)")
+        self.follow = follow
         with torch.no_grad():
             self.shadow: List[torch.Tensor] = [_local_data(p).detach().float().clone()
                                                for _, p in self._named]
+        # parameters whose master is split over the data-parallel ranks (ZeRO-1/2, bf16 ZeRO-0)
+        self._fragmented = follow == "master" and any(
+            getattr(p, "_hp_mapping", False) is not False and not _is_zero3(p) for _, p in self._named)
+        self._dirty = False
 
     @property
     def names(self) -> List[str]:
@@ -87,10 +124,51 @@ class EMA:
         """shadow <- d * shadow + (1 - d) * weights with d = current_decay() (local data, no communication)."""
         weight = 1.0 - self.current_decay()
         for shadow, (_, p) in zip(self.shadow, self._named):
-            shadow.lerp_(_local_data(p).float(), weight)
+            master, start = _master(p) if self.follow == "master" else (None, 0)
+            if master is None:
+                shadow.lerp_(_local_data(p).float(), weight)
+            elif isinstance(master, torch.Tensor):
+                piece = shadow.view(-1).narrow(0, start, master.numel())
+                piece.lerp_(master.detach().view(-1).to(piece.device, torch.float32), weight)
+        self._dirty = self._fragmented
         self.num_updates += 1
 
+    @torch.no_grad()
+    def sync(self) -> None:
+        """Make every rank's shadow whole where each rank updated only its fragment of the master.
+
+        Collective over the data-parallel group when needed (ZeRO-1/2 or bf16 ZeRO-0), a no-op otherwise;
+        call it on every rank before :meth:`state_dict` (:meth:`swap` calls it itself)."""
+        if not self._fragmented:
+            return
+        from heptapod_ds.distributed import parallel_state
+
+        group = parallel_state.dp_group() if dist.is_initialized() else None
+        if group is None or dist.get_world_size(group) == 1:
+            self._dirty = False
+            return
+        pieces = []
+        for shadow, (_, p) in zip(self.shadow, self._named):
+            flat = torch.zeros(shadow.numel(), dtype=torch.float32, device=shadow.device)
+            master, start = _master(p)
+            if isinstance(master, torch.Tensor):
+                flat.narrow(0, start, master.numel()).copy_(shadow.view(-1).narrow(0, start, master.numel()))
+            elif master is None:  # not split (replicated on every rank): keep it out of the sum
+                flat = None
+            pieces.append(flat)
+        buf = torch.cat([f for f in pieces if f is not None])
+        dist.all_reduce(buf, group=group)
+        offset = 0
+        for shadow, flat in zip(self.shadow, pieces):
+            if flat is not None:
+                shadow.view(-1).copy_(buf[offset:offset + shadow.numel()])
+                offset += shadow.numel()
+        self._dirty = False
+
     def state_dict(self) -> Dict:
+        if self._dirty:
+            raise RuntimeError("EMA.state_dict() after update() without sync(): call ema.sync() on every rank "
+                               "first (ZeRO-1/2 keep the fp32 master split over the data-parallel ranks).")
         return {"decay": self.decay, "num_updates": self.num_updates, "partitioned": self.partitioned,
                 "names": self.names, "shadow": [s.clone() for s in self.shadow]}
 
@@ -116,6 +194,7 @@ class EMA:
     @contextlib.contextmanager
     def swap(self, engine=None) -> Iterator[None]:
         """Inside the block the model holds the EMA weights; the trained weights come back after it."""
+        self.sync()
         backup = []
         with torch.no_grad():
             for shadow, (_, p) in zip(self.shadow, self._named):

@@ -33,6 +33,10 @@ def _all_reduce_max(value: float) -> float:
     return float(t.item())
 
 
+class Preempted(Exception):
+    """Raised by :meth:`PreemptionGuard.check` inside long non-step work (sampling) to unwind it."""
+
+
 class PreemptionGuard:
     """Catch SIGTERM/SIGUSR1, let the step finish, agree across ranks to stop."""
 
@@ -55,6 +59,11 @@ class PreemptionGuard:
     def should_stop(self) -> bool:
         """True on every rank once any rank got a signal (collective: call it on all ranks each step)."""
         return _all_reduce_max(1.0 if self.received is not None else 0.0) > 0
+
+    def check(self, where: str) -> None:
+        """Raise :class:`Preempted` on every rank once any rank got a signal (collective, like should_stop)."""
+        if self.should_stop():
+            raise Preempted(f"{self.signal_name or 'a preemption signal'} received during {where}")
 
     def close(self) -> None:
         """Restore the handlers that were installed before."""

@@ -19,6 +19,7 @@ import torch
 import torch.distributed as dist
 
 from heptapod_ds.distributed import parallel_state
+from heptapod_ds.engine.faults import fault_point
 from heptapod_ds.monitor import get_logger
 from heptapod_ds.sampling import image_seeds
 
@@ -52,8 +53,12 @@ def _generate(trainer, labels: torch.Tensor) -> torch.Tensor:
         else contextlib.nullcontext()
     chunks = []
     trainer.engine.eval()
+    preempt = getattr(trainer, "preempt", None)
     with swap, torch.no_grad():
         for i in range(0, per_rank, cfg.sampling.batch_size):
+            fault_point("eval.batch", i // cfg.sampling.batch_size)
+            if preempt is not None:  # sampling can take long: a preemption signal must not wait for its end
+                preempt.check("sampling")
             j = i + cfg.sampling.batch_size
             chunks.append(trainer.model.generate(mine[i:j], seeds[i:j]))
     trainer.engine.train()

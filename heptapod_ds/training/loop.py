@@ -66,6 +66,7 @@ class Trainer:
         self.nonfinite = NonFiniteGuard(cfg.train.max_nonfinite)
 
         self.step = 0
+        self.last_loss: Optional[float] = None
         position = {"epoch": 0, "micro_step": 0}
         self.wall_s = {"train": 0.0, "eval": 0.0}  # summed over resumed attempts; training excludes evaluation
         state = self.ckpt.load(self.engine, ema=self.ema)
@@ -74,6 +75,7 @@ class Trainer:
             position = resume_micro_step(state["data"], cfg)
             self.nonfinite.load_state_dict(state["nonfinite"])
             self.wall_s.update(state.get("wall_s", {}))
+            self.last_loss = state.get("last_loss")
             log.info("resumed at step %d (epoch %d, micro-step %d)", self.step, position["epoch"],
                      position["micro_step"])
         self.stream = BatchStream(cfg, self.info.dp_rank, self.info.dp_size, **position)
@@ -115,13 +117,16 @@ class Trainer:
 
     def _loss(self, model, micro_batch) -> torch.Tensor:
         """The loss (PP = 1, ``model`` is the engine) or this stage's output (PP > 1, the stage module)."""
+        from heptapod_ds.engine.faults import fault_point
+
+        fault_point("train.forward", self.step + 1)
         tokens, labels, seeds = (t.to(self.device) for t in micro_batch)
         out, _stats = model(tokens, labels, sample_seeds=seeds)
         return out
 
     def _client_state(self) -> Dict:
         return {"step": self.step, "data": self.stream.position(), "nonfinite": self.nonfinite.state_dict(),
-                "wall_s": self._wall()}
+                "wall_s": self._wall(), "last_loss": self.last_loss}
 
     def progress(self) -> Dict[str, float]:
         """How far training has got, in the units curves are drawn against (identical after a resume)."""
@@ -139,13 +144,14 @@ class Trainer:
         from tqdm import tqdm
 
         from heptapod_ds.engine import train_step
+        from heptapod_ds.engine.faults import fault_point
+        from heptapod_ds.engine.guards import Preempted
 
         cfg = self.cfg
         bar = tqdm(total=cfg.train.steps, initial=self.step, desc="train", dynamic_ncols=True,
                    disable=not (parallel_state.is_rank0() and cfg.logging.progress_bar))
         self._wall0, self._t_segment, self._eval_segment = dict(self.wall_s), time.time(), 0.0
         exit_code = 0
-        last_loss: Optional[float] = None
         while self.step < cfg.train.steps:
             batches = self._micro_batches()
             result = train_step(self.engine, batches, self._loss, self.nonfinite, ema=self.ema,
@@ -158,20 +164,24 @@ class Trainer:
                     raise self.nonfinite.error(self.step)
             else:
                 self.step += 1
+                self.last_loss = result.loss
                 self.meter.add(sum(mb[1].shape[0] for mb in batches) * self.info.dp_size)
-                last_loss = result.loss
                 bar.update(1)
                 bar.set_postfix(loss=f"{result.loss:.4f}")
                 if self.step % cfg.logging.log_every == 0 or self.step == cfg.train.steps:
                     self._log(result)
-                if cfg.eval.every and self.step % cfg.eval.every == 0 and self.step < cfg.train.steps:
-                    self.evaluate(final=False)  # the last step is scored by the final evaluation
-                if cfg.eval.fid_every and self.step % cfg.eval.fid_every == 0:
-                    from .evaluate import fid_during_training
+                try:
+                    if cfg.eval.every and self.step % cfg.eval.every == 0 and self.step < cfg.train.steps:
+                        self.evaluate(final=False)  # the last step is scored by the final evaluation
+                    if cfg.eval.fid_every and self.step % cfg.eval.fid_every == 0:
+                        from .evaluate import fid_during_training
 
-                    t_fid = time.time()
-                    fid_during_training(self)
-                    self._eval_segment += time.time() - t_fid  # evaluation, not training, time
+                        t_fid = time.time()
+                        fid_during_training(self)
+                        self._eval_segment += time.time() - t_fid  # evaluation, not training, time
+                except Preempted:
+                    pass  # the check below sees the same signal: save and exit for the requeue
+                fault_point("train.step", self.step)
             if self.preempt.should_stop():
                 log.warning("%s received: saving at step %d, exiting with status %d (requeue)",
                             self.preempt.signal_name or "preemption signal", self.step, self.preempt.exit_code)
@@ -181,21 +191,37 @@ class Trainer:
             if not result.skipped and cfg.checkpoint.save_every and self.step % cfg.checkpoint.save_every == 0:
                 self._save(reason="periodic")
         bar.close()
-        self.preempt.close()
         if exit_code == 0:
-            latest = self.ckpt.latest()
-            if latest is None or latest.name != f"global_step{self.step}":
-                self._save(reason="final")
-            summary = self.evaluate(final=True) if cfg.sampling.eval_per_class > 0 else {}
-            wall = self._wall()
-            summary.update(steps=self.step, final_loss=last_loss, train_wall_s=wall["train"], eval_wall_s=wall["eval"],
-                           train_flops_per_image=self.flops_per_image, **self.progress(),
-                           nonfinite_skipped=self.nonfinite.total_skipped)
-            if parallel_state.is_rank0():
-                _atomic_write(os.path.join(cfg.run_dir, "summary.json"), json.dumps(summary, indent=2) + "\n")
-                log.info("summary: %s", json.dumps(summary))
+            exit_code = self._finish()
+        self.preempt.close()
         self.metrics.close()
         return exit_code
+
+    def _finish(self) -> int:
+        """After the last step: the final checkpoint, then the final sampling and summary.
+
+        The preemption guard stays armed: a signal during the (long) sampling exits with the requeue
+        status, and since the final checkpoint is already saved, the requeued run only samples."""
+        from heptapod_ds.engine.guards import Preempted
+
+        cfg = self.cfg
+        latest = self.ckpt.latest()
+        if latest is None or latest.name != f"global_step{self.step}":
+            self._save(reason="final")
+        try:
+            summary = self.evaluate(final=True) if cfg.sampling.eval_per_class > 0 else {}
+        except Preempted as e:
+            log.warning("%s: the final checkpoint (step %d) is saved; exiting with status %d so that the requeued "
+                        "run only samples and scores", e, self.step, self.preempt.exit_code)
+            return self.preempt.exit_code
+        wall = self._wall()
+        summary.update(steps=self.step, final_loss=self.last_loss, train_wall_s=wall["train"],
+                       eval_wall_s=wall["eval"], train_flops_per_image=self.flops_per_image, **self.progress(),
+                       nonfinite_skipped=self.nonfinite.total_skipped)
+        if parallel_state.is_rank0():
+            _atomic_write(os.path.join(cfg.run_dir, "summary.json"), json.dumps(summary, indent=2) + "\n")
+            log.info("summary: %s", json.dumps(summary))
+        return 0
 
     def _log(self, result) -> None:
         grad_norm = result.grad_norm if result.grad_norm is not None and math.isfinite(result.grad_norm) else None
