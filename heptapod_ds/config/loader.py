@@ -51,6 +51,33 @@ def _suggest(key: str, candidates: Iterable[str]) -> str:
     return f" Did you mean '{close[0]}'?" if close else ""
 
 
+def _suggest_key(key: str) -> str:
+    """Closest valid dotted key(s) for an unknown ``key``, by its last part first.
+
+    ``resume`` names the leaf ``checkpoint.resume``; ``seed`` the leaves of three sections, all offered;
+    ``train.stpes`` is a typo of ``train.steps``; ``warmup`` a part of ``schedule.warmup_steps``. Only then
+    the whole dotted name is compared."""
+    keys = all_keys()
+    leaf = key.rsplit(".", 1)[-1]
+    section = key.rsplit(".", 1)[0] if "." in key else ""
+    same_leaf = [k for k in keys if k.rsplit(".", 1)[-1] == leaf]
+    if not same_leaf:
+        by_leaf: Dict[str, List[str]] = {}
+        for k in keys:
+            by_leaf.setdefault(k.rsplit(".", 1)[-1], []).append(k)
+        close = difflib.get_close_matches(leaf, list(by_leaf), n=3, cutoff=0.75)
+        if not close and len(leaf) >= 3:  # a part of a name: warmup -> warmup_steps
+            close = [name for name in by_leaf if leaf in name.split("_")]
+        same_leaf = [k for c in close for k in by_leaf[c]]
+    in_section = [k for k in same_leaf if section and k.startswith(section + ".")]
+    picks = in_section or same_leaf
+    if picks:
+        if len(picks) == 1:
+            return f" Did you mean '{picks[0]}'?"
+        return " Did you mean one of " + ", ".join(f"'{k}'" for k in picks[:4]) + "?"
+    return _suggest(key, keys)
+
+
 def _type_name(t) -> str:
     return getattr(t, "__name__", str(t).replace("typing.", ""))
 
@@ -96,7 +123,7 @@ def _merge_dict(cfg, data: Dict[str, Any], prefix: str = "") -> None:
     for key, value in data.items():
         dotted = prefix + str(key)
         if key not in names:
-            raise ConfigError(f"unknown config key '{dotted}'.{_suggest(dotted, all_keys())} "
+            raise ConfigError(f"unknown config key '{dotted}'.{_suggest_key(dotted)} "
                               f"Run `python -m heptapod_ds.config --help-config` for all keys.")
         t = hints[key]
         if dataclasses.is_dataclass(t):
@@ -112,7 +139,7 @@ def parse_override(item: str) -> Tuple[str, Any]:
     key, raw = item.split("=", 1)
     key = key.strip().lstrip("-")
     if key not in all_keys():
-        raise ConfigError(f"unknown config key '{key}'.{_suggest(key, all_keys())} "
+        raise ConfigError(f"unknown config key '{key}'.{_suggest_key(key)} "
                           f"Run `python -m heptapod_ds.config --help-config` for all keys.")
     t = _leaf_type(key)
     if t is str or t == Optional[str]:
@@ -227,7 +254,8 @@ def validate(cfg: HeptapodConfig, world_size: Optional[int] = None) -> HeptapodC
                 "diffusion.train_steps", "diffusion.sample_steps", "diffusion.batch_mul", "tokenizer.image_size",
                 "tokenizer.stride", "tokenizer.channels", "tokenizer.vocab_size", "train.global_batch_size",
                 "train.micro_batch_size", "parallel.tensor", "parallel.pipeline", "sampling.batch_size",
-                "checkpoint.keep_last", "logging.log_every", "head.window"]
+                "checkpoint.keep_last", "logging.log_every", "head.window",
+                "parallel.collective_timeout_s"]
     for key in positive:
         obj = cfg
         for part in key.split("."):

@@ -162,6 +162,21 @@ def check_matches_config(beton: str, reader, summary: Dict[str, Any], tok: Token
         raise BetonError(f"beton '{beton}' was written with tokenizer '{stored.get('name')}' but the config uses "
                          f"tokenizer.name={tok.name}. Point data.path at a beton for {tok.name} or change "
                          f"tokenizer.name.")
+    # the same grid can come from another image size (e.g. 128 px at stride 8 vs 256 px at stride 16)
+    relevant = ("image_size", "stride") + (("vocab_size",) if tok.is_discrete else ("channels",))
+    mine = tokenizer_record(tok)
+    diffs = [f"tokenizer.{k}: beton {stored[k]}, config {mine[k]}" for k in relevant
+             if k in stored and stored[k] != mine[k]]
+    if diffs:
+        raise BetonError(f"beton '{beton}' was written with other tokenizer settings than the config: "
+                         + "; ".join(diffs) + ". Set these tokenizer.* fields to the beton's values, or re-run "
+                         "tools/pretokenize.py with this config.")
+    present = set(reader.handlers)
+    missing = [f for f in (*view_fields(tok.is_discrete), LABEL, INDEX) if f not in present]
+    if missing:
+        raise BetonError(f"beton '{beton}' lacks the field(s) {missing} (it has {sorted(present)}); the loader "
+                         f"needs {[*view_fields(tok.is_discrete), LABEL, INDEX]}. It was not written by this "
+                         f"version of tools/pretokenize.py: re-run it (with --force).")
     shape, dtype = expected_layout(tok)
     layouts = field_layouts(reader)
     for name in view_fields(tok.is_discrete):
