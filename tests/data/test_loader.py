@@ -76,18 +76,6 @@ def test_posterior_noise_and_flip_depend_on_sample_not_position():
     assert 0.45 < flips.mean() < 0.55
 
 
-def test_kl16_like_continuous_tokens_sample_the_posterior(tmp_path):
-    """A continuous beton with a real (non-degenerate) variance: tokens = (mean + std * noise) * scale."""
-    from heptapod_ds.data.order import posterior_noise
-
-    cfg = _cfg(1, "tokenizer.name=patch", "data.random_flip=false", "tokenizer.scale_factor=0.5")
-    loader = build_train_loader(cfg, 0, 1)
-    tokens, _, ids = next(iter(loader))
-    assert tokens.shape == (32, 64, 1) and tokens.dtype == torch.float32
-    assert torch.all(tokens.abs() <= 0.5 + 1e-5)  # pixel means in [-1, 1] x 0.5, std ~ 3e-7
-    assert posterior_noise(0, 0, ids.numpy(), (1, 8, 8)).shape == (32, 1, 8, 8)
-
-
 def test_bad_positions_are_errors():
     loader = build_train_loader(_cfg(), 0, 1)
     with pytest.raises(ValueError, match="start_step=999 must lie in"):
