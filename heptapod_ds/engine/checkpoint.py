@@ -280,6 +280,7 @@ class CheckpointManager:
             if not problems:
                 if damaged and parallel_state.is_rank0():
                     log.warning("resuming from %s, the newest checkpoint that verifies", cand)
+                    _write_atomic(self.dir / "latest", cand.name)  # it named a checkpoint now moved aside
                 return cand
             report = f"checkpoint {cand} is damaged:\n  - " + "\n  - ".join(problems)
             if mode != "auto":
@@ -288,6 +289,8 @@ class CheckpointManager:
             damaged.append(cand)
             if parallel_state.is_rank0():
                 aside = cand.with_name(f"{cand.name}.damaged-{time.strftime('%Y%m%d-%H%M%S')}")
+                if aside.exists():
+                    aside = aside.with_name(f"{aside.name}-{time.time_ns()}")
                 log.error("%s\nmoved aside to %s (kept for inspection); trying the previous checkpoint",
                           report, aside.name)
                 os.rename(cand, aside)

@@ -105,6 +105,13 @@ class EMA:
         self._fragmented = follow == "master" and any(
             getattr(p, "_hp_mapping", False) is not False and not _is_zero3(p) for _, p in self._named)
         self._dirty = False
+        if follow == "master":  # start from the master too, not from its bf16 rounding
+            with torch.no_grad():
+                for shadow, (_, p) in zip(self.shadow, self._named):
+                    master, start = _master(p)
+                    if isinstance(master, torch.Tensor):
+                        shadow.view(-1).narrow(0, start, master.numel()).copy_(master.detach().view(-1))
+            self._dirty = self._fragmented
 
     @property
     def names(self) -> List[str]:
