@@ -24,7 +24,7 @@ def _run(run_dir, *args):
     env.update(RANK="0", WORLD_SIZE="2", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()),
                PYTHONPATH=REPO)
     r = subprocess.run([sys.executable, TRAIN, f"run_dir={run_dir}", *BASE, *args], capture_output=True,
-                       text=True, timeout=120, env=env, cwd=REPO)
+                       text=True, timeout=900, env=env, cwd=REPO)
     assert not os.path.exists(run_dir), f"{run_dir} was created: {os.listdir(run_dir)}"
     assert r.returncode == 2, f"exit {r.returncode}\n{r.stdout[-3000:]}\n{r.stderr[-3000:]}"
     return r.stderr
