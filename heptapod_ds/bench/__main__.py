@@ -2,7 +2,7 @@
 
 Runs every benchmark row in one process (the memory row spawns two gloo ranks), prints one table and
 optionally writes the rows as JSON. Rows: train, sampling, memory, loader, gpu. ``--quick`` shrinks
-repeats and sizes so that CI finishes in about two minutes; the full run takes under ten on 2 cores.
+repeats and sizes for CI (sized for under 3 minutes on 2 idle cores); the full run is sized for under 10.
 """
 from __future__ import annotations
 
@@ -127,7 +127,7 @@ def run_rows(names: List[str], quick: bool, device: str) -> List[Dict]:
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="python -m heptapod_ds.bench", description=__doc__.split("\n\n")[1],
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--quick", action="store_true", help="small sizes and few repeats (CI, ~2 minutes)")
+    parser.add_argument("--quick", action="store_true", help="small sizes and few repeats (CI size)")
     parser.add_argument("--json", metavar="OUT", help="write the machine description and every row to this file")
     parser.add_argument("--only", metavar="NAME", action="append",
                         help=f"run only these rows (repeat or comma-separate): {', '.join(ROWS)}")
