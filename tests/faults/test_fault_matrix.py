@@ -124,12 +124,12 @@ def test_truncated_deleted_and_flipped_files_are_named_and_skipped(ref1, tmp_pat
     text = res.text
     named = {
         "one byte flipped": f"global_step16 is damaged:\n  - {flip}: altered",
-        "file truncated": f"global_step14 is damaged:\n  - {trunc}: truncated, {size - 100} of {size} bytes",
-        "file deleted": f"global_step12 is damaged:\n  - {gone}: missing",
+        "truncated": f"global_step14 is damaged:\n  - {trunc}: truncated, {size - 100} of {size} bytes",
+        "deleted": f"global_step12 is damaged:\n  - {gone}: missing",
     }
     aside = sorted(p.name.split(".")[0] for p in ck.iterdir() if ".damaged-" in p.name)
     for what, message in named.items():
-        row = Row(f"checkpoint file {what}", "1 rank, ZeRO-0")
+        row = Row(f"a checkpoint file {what}", "1 rank, ZeRO-0")
         extra = [] if message in text else [f"log does not say {message!r}"]
         row.outcome = f"named by resume=auto, moved aside; resumed from step {resumed_step(text)}"
         if aside != ["global_step12", "global_step14", "global_step16"]:
