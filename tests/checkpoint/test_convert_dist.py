@@ -185,7 +185,8 @@ def test_to_release_is_identical_for_every_layout_saved_by_deepspeed(runs, singl
     for tp, z in LAYOUTS:
         src = tmp / f"L{tp}{z}_ds"
         meta = json.loads((src / "checkpoints" / "global_step3" / "heptapod_meta.json").read_text())
-        assert meta["layout"] == {"tensor": tp, "pipeline": 1, "dp": 4 // tp, "zero_stage": z}
+        assert {k: meta["layout"][k] for k in ("tensor", "pipeline", "dp", "zero_stage")} == \
+            {"tensor": tp, "pipeline": 1, "dp": 4 // tp, "zero_stage": z}
         for weights, expect in (("raw", raw), ("ema", ema)):
             out = tmp / f"rel_{tp}{z}_{weights}"
             assert main(["to-release", "--ckpt", str(src), "--out", str(out), "--weights", weights]) == 0
