@@ -62,20 +62,27 @@ def main(argv=None) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 2
     from heptapod_ds.distributed import parallel_state
-    from heptapod_ds.monitor import setup_logging
+    from heptapod_ds.monitor import provenance, setup_logging
     from heptapod_ds.training import Trainer
     from heptapod_ds.distributed.failures import collective_failure
     from heptapod_ds.engine import CheckpointCorrupt, CheckpointMismatch, CheckpointWriteError
 
     setup_logging()
-    parallel_state.initialize(tensor=cfg.parallel.tensor, pipeline=cfg.parallel.pipeline,
-                              backend=cfg.parallel.backend, seed=cfg.train.seed,
-                              timeout_minutes=cfg.parallel.collective_timeout_s / 60)
+    info = parallel_state.initialize(tensor=cfg.parallel.tensor, pipeline=cfg.parallel.pipeline,
+                                     backend=cfg.parallel.backend, seed=cfg.train.seed,
+                                     timeout_minutes=cfg.parallel.collective_timeout_s / 60)
     trainer = None
     try:
-        trainer = Trainer(cfg)
-        trainer.setup()
-        return trainer.run()
+        # launches.jsonl (rank 0): git commit, Slurm job and attempt, command line, config, and the outcome
+        with provenance.RunRecord(cfg, info, argv) as record:
+            trainer = Trainer(cfg)
+            trainer.setup()
+            code = trainer.run()
+            record.finished(code, trainer.step, signal=trainer.preempt.signal_name)
+        # No rank exits before the exit record exists: under `srun --kill-on-bad-exit` the first rank
+        # to exit with the requeue status gets the others killed.
+        parallel_state.barrier()
+        return code
     except (CheckpointCorrupt, CheckpointMismatch, CheckpointWriteError) as e:
         print(f"error: {e}", file=sys.stderr)  # a message that says what to do; no traceback needed
         return 1

@@ -1,35 +1,103 @@
 #!/usr/bin/env bash
-# Shared body of the slurm/train_*.sh templates: one task per GPU under srun, automatic resume,
-# requeue when the trainer exits with its "preempted, checkpoint saved" status.
-# Knobs (environment): PRESET, DS_CONFIG, RUN_DIR, TP, EXTRA (extra key=value overrides).
-set -uo pipefail
-cd "${SLURM_SUBMIT_DIR:-$(pwd)}"
-if [[ ! -x .venv/bin/python ]]; then
-  echo "error: .venv missing in $(pwd); run 'bash tools/setup.sh' on a login node first" >&2
-  exit 2
-fi
-PRESET="${PRESET:?set PRESET (B, L, XL or H)}"
-DS_CONFIG="${DS_CONFIG:-ds_configs/zero3.json}"
-RUN_DIR="${RUN_DIR:-runs/heptapod-${PRESET}}"
+# shellcheck source-path=SCRIPTDIR
+# Shared body of slurm/train_{b,l,xl,h}.sh: one task per GPU under srun, automatic resume, and a
+# requeue when the trainer stopped after a preemption signal with its checkpoint saved.
+#
+# Knobs (environment; the templates set defaults, and any of them can be given at submission,
+# e.g. `TP=4 ZERO=3 sbatch slurm/train_xl.sh`): PRESET, TP (parallel.tensor), PP (parallel.pipeline),
+# ZERO (parallel.zero_stage, with ds_configs/zero<ZERO>.json), MICRO_BATCH (train.micro_batch_size),
+# DS_CONFIG (a DeepSpeed JSON of your own instead of ZERO), RUN_DIR, EXTRA (more key=value),
+# PYTHON. key=value arguments after the script name come last and win over all of these.
+# The world size is what Slurm gives the job (--nodes x --ntasks-per-node); train.grad_accum is
+# derived from it so that the global batch stays the preset's.
+#
+# HEPTAPOD_DRY_RUN=1 (outside Slurm, with SLURM_NTASKS=<world size>): print the resolved config and
+# exit; this is also the check every job runs before srun starts its tasks.
+#
+# How a preemption becomes a requeue: `--signal=USR1@600` (templates) or `scancel --signal=USR1 JOB`
+# reach the trainer directly; every rank finishes its step, the checkpoint is saved, rank 0 writes
+# the exit record ($HEPTAPOD_EXIT_FILE, status "preempted") and all ranks exit 75 together. This
+# script then reads the record, not srun's status (srun --kill-on-bad-exit reports the first
+# non-zero task and may report the others as killed), and runs `scontrol requeue`. The requeued
+# attempt resumes from the newest complete checkpoint (checkpoint.resume=auto). A job this shell
+# saw SIGTERM for (scancel, time limit, preemption by the scheduler) is not requeued from here.
+# shellcheck source=_launch.sh
+source "$(dirname "${BASH_SOURCE[0]}")/_launch.sh"
+launch_init
+
+PRESET="${PRESET:?set PRESET (tiny, B, L, XL or H)}"
 TP="${TP:-1}"
-mkdir -p "$RUN_DIR" logs
+PP="${PP:-1}"
+ZERO="${ZERO:-1}"
+MICRO_BATCH="${MICRO_BATCH:-}"
+RUN_DIR="${RUN_DIR:-runs/heptapod-${PRESET}}"
+REQUEUE_EXIT=75   # heptapod_ds.engine.REQUEUE_EXIT_CODE (EX_TEMPFAIL); a test keeps the two equal
 
-export MASTER_ADDR="${MASTER_ADDR:-$(scontrol show hostnames "$SLURM_JOB_NODELIST" | head -n 1)}"
-export MASTER_PORT="${MASTER_PORT:-$((20000 + SLURM_JOB_ID % 20000))}"
-export OMP_NUM_THREADS="${OMP_NUM_THREADS:-${SLURM_CPUS_PER_TASK:-8}}"
-export CUDA_DEVICE_MAX_CONNECTIONS=1   # megatron's TP overlap wants in-order kernel launch
-export WANDB_RUN_GROUP="${WANDB_RUN_GROUP:-heptapod-${PRESET}}"
-# The exit status the trainer uses for "stopped by SIGTERM/SIGUSR1, checkpoint saved".
-REQUEUE_EXIT="$(.venv/bin/python -c 'from heptapod_ds.engine import REQUEUE_EXIT_CODE as c; print(c)')"
+args=()
+if [[ -n "${DS_CONFIG:-}" ]]; then
+  args+=(--ds_config "$DS_CONFIG")                   # its ZeRO stage wins over ZERO
+else
+  args+=("parallel.zero_stage=$ZERO")                # uses ds_configs/zero$ZERO.json
+fi
+args+=("preset=$PRESET" "run_dir=$RUN_DIR" "parallel.tensor=$TP" "parallel.pipeline=$PP")
+[[ -n "$MICRO_BATCH" ]] && args+=("train.micro_batch_size=$MICRO_BATCH")
+args+=(train.grad_accum=0 checkpoint.resume=auto)
+if [[ -n "${EXTRA:-}" ]]; then
+  read -r -a extra <<< "$EXTRA"
+  args+=("${extra[@]}")
+fi
+args+=("$@")
 
-echo "[slurm] job $SLURM_JOB_ID: preset=$PRESET nodes=$SLURM_JOB_NUM_NODES tasks=$SLURM_NTASKS tp=$TP run_dir=$RUN_DIR"
-srun --kill-on-bad-exit=1 --cpu-bind=none \
-  .venv/bin/python heptapod_ds/train.py --ds_config "$DS_CONFIG" \
-    preset="$PRESET" run_dir="$RUN_DIR" parallel.tensor="$TP" checkpoint.resume=auto ${EXTRA:-} "$@"
-rc=$?
-if [[ $rc -eq $REQUEUE_EXIT ]]; then
-  echo "[slurm] trainer saved a checkpoint after a preemption signal; requeueing job $SLURM_JOB_ID"
-  scontrol requeue "$SLURM_JOB_ID"
+# Validate once on the batch host, at the world size of this allocation, before srun starts a
+# task per GPU: a bad combination fails here with one message instead of one per rank.
+world="${SLURM_NTASKS:-}"
+if [[ -z "$world" && -n "${SLURM_NTASKS_PER_NODE:-}" && -n "${SLURM_JOB_NUM_NODES:-}" ]]; then
+  world=$((SLURM_JOB_NUM_NODES * SLURM_NTASKS_PER_NODE))
+fi
+[[ -n "$world" ]] || launch_die "unknown world size: submit with sbatch (or set SLURM_NTASKS for a dry run)"
+if ! config_yaml="$(WORLD_SIZE="$world" "$PY" heptapod_ds/train.py "${args[@]}" --print-config 2>&1)"; then
+  echo "$config_yaml" >&2
+  launch_die "the configuration is invalid for $world tasks (see above); change the sbatch shape" \
+             "(--nodes, --ntasks-per-node) or the knobs/overrides (TP, PP, ZERO, MICRO_BATCH, key=value)"
+fi
+if [[ "${HEPTAPOD_DRY_RUN:-0}" == 1 ]]; then
+  echo "$config_yaml"
   exit 0
 fi
-exit $rc
+
+launch_env
+export CUDA_DEVICE_MAX_CONNECTIONS=1   # megatron's TP overlap wants in-order kernel launches
+export WANDB_RUN_GROUP="${WANDB_RUN_GROUP:-heptapod-${PRESET}}"
+export HEPTAPOD_LAUNCH_SCRIPT="${HEPTAPOD_TEMPLATE:-slurm/_train.sh}${*:+ $(printf '%q ' "$@")}"
+export HEPTAPOD_EXIT_FILE="$LAUNCH_REPO/logs/.heptapod-exit-$SLURM_JOB_ID-$LAUNCH_ATTEMPT.json"
+rm -f "$HEPTAPOD_EXIT_FILE"
+
+launch_srun "$PY" heptapod_ds/train.py "${args[@]}"
+
+status=""
+if [[ -f "$HEPTAPOD_EXIT_FILE" ]]; then
+  launch_log "trainer exit record: $(cat "$HEPTAPOD_EXIT_FILE")"
+  status="$(sed -n 's/.*"status": *"\([a-z]*\)".*/\1/p' "$HEPTAPOD_EXIT_FILE" | head -n 1)"
+  rm -f "$HEPTAPOD_EXIT_FILE"
+fi
+case "$status" in
+  done)
+    launch_log "training finished"
+    exit 0
+    ;;
+  preempted)
+    if [[ -n "$LAUNCH_STOPPED" ]]; then
+      launch_log "checkpoint saved; the job was stopped by SIG$LAUNCH_STOPPED and is not requeued from here" \
+                 "(a scheduler preemption with PreemptMode=REQUEUE requeues it; otherwise submit again to resume)"
+      exit $((128 + 15))
+    fi
+    launch_requeue "the trainer saved a checkpoint after a preemption signal; the next attempt resumes from it" \
+      && exit 0
+    exit "$REQUEUE_EXIT"
+    ;;
+  *)
+    launch_log "the trainer did not finish (srun status $LAUNCH_RC${status:+, trainer status $status}); not requeueing"
+    [[ "$LAUNCH_RC" -ne 0 ]] && exit "$LAUNCH_RC"
+    exit 1
+    ;;
+esac

@@ -1,6 +1,13 @@
 #!/usr/bin/env bash
-# Heptapod-H on ImageNet 256 (KL-16 latents): 16 nodes x 8 GPUs, TP=2, zero3.json.
-# Submit from the repository root: sbatch slurm/train_h.sh [key=value ...]
+# Heptapod-H (941M parameters) on ImageNet 256 (KL-16 latents).
+# Default shape for 80-141 GB GPUs: 16 nodes x 8 GPUs = 128 ranks, TP=2, PP=1, ZeRO-2,
+# micro batch 32 -> data-parallel 64 x 32 x grad_accum 1 = global batch 2048.
+# Submit from the repository root (logs go to logs/%x-%j.out, the run to runs/heptapod-H/):
+#   sbatch slurm/train_h.sh [key=value ...]
+#   sbatch --nodes=8 slurm/train_h.sh                    # another shape: grad_accum follows
+#   TP=4 ZERO=3 MICRO_BATCH=16 sbatch slurm/train_h.sh   # knobs: TP PP ZERO MICRO_BATCH RUN_DIR DS_CONFIG
+# Preemption: USR1 600 s before the time limit (or `scancel --signal=USR1 JOB`) -> the trainer saves
+# and the job requeues itself; see slurm/_train.sh.
 #SBATCH --job-name=heptapod-h
 #SBATCH --nodes=16
 #SBATCH --ntasks-per-node=8
@@ -9,6 +16,8 @@
 #SBATCH --time=48:00:00
 #SBATCH --requeue
 #SBATCH --signal=USR1@600
+#SBATCH --open-mode=append
 #SBATCH --output=logs/%x-%j.out
-export PRESET=H TP=${TP:-2} DS_CONFIG=${DS_CONFIG:-ds_configs/zero3.json}
+export PRESET=H HEPTAPOD_TEMPLATE=slurm/train_h.sh
+export TP="${TP:-2}" PP="${PP:-1}" ZERO="${ZERO:-2}" MICRO_BATCH="${MICRO_BATCH:-32}"
 exec bash "${SLURM_SUBMIT_DIR:-.}/slurm/_train.sh" "$@"

@@ -163,8 +163,10 @@ def _prepare_output(source, tok_cfg: TokenizerConfig, output: str, opts: Pretoke
 def _pick_device(opts: PretokenizeOptions) -> torch.device:
     if opts.device:
         return torch.device(opts.device)
-    if torch.cuda.is_available():
-        return torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)) % torch.cuda.device_count())
+    if torch.cuda.is_available():  # srun sets SLURM_LOCALID, not LOCAL_RANK
+        from ..distributed.launch_env import env_local_rank
+
+        return torch.device("cuda", env_local_rank() % torch.cuda.device_count())
     return torch.device("cpu")
 
 

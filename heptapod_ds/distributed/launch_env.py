@@ -48,6 +48,28 @@ def first_slurm_host(nodelist: str) -> str:
     return m.group(1) + first
 
 
+def env_rank(env=None) -> int:
+    """This process's global rank as the launcher announced it, without resolving any address: the
+    precedence of :func:`detect` (``RANK``, then srun, then mpirun), 0 when alone.
+    Under ``srun`` only ``SLURM_PROCID`` says it before torch.distributed sets ``RANK``."""
+    return _env_ranks(os.environ if env is None else env)[0]
+
+
+def env_local_rank(env=None) -> int:
+    """This process's rank on its node (``LOCAL_RANK``, ``SLURM_LOCALID``, ...), 0 when alone."""
+    return _env_ranks(os.environ if env is None else env)[1]
+
+
+def _env_ranks(env):
+    if "RANK" in env:
+        return int(env["RANK"]), int(env.get("LOCAL_RANK", 0))
+    if "SLURM_PROCID" in env and "SLURM_NTASKS" in env:
+        return int(env["SLURM_PROCID"]), int(env.get("SLURM_LOCALID", 0))
+    if "OMPI_COMM_WORLD_RANK" in env:
+        return int(env["OMPI_COMM_WORLD_RANK"]), int(env.get("OMPI_COMM_WORLD_LOCAL_RANK", 0))
+    return 0, 0
+
+
 def detect(env=None) -> LaunchEnv:
     env = os.environ if env is None else env
     if "RANK" in env and "WORLD_SIZE" in env:

@@ -1,14 +1,29 @@
 """Preemption and non-finite-loss handling (the optimizer step that uses them: :mod:`.step`).
 
-Preemption: Slurm sends SIGTERM (at preemption / time limit, after ``KillWait``) or the signal
-asked for with ``--signal=B:USR1@<seconds>``. The handler only sets a flag; the trainer asks
-:meth:`PreemptionGuard.should_stop` once per step, which all-reduces the flag so every rank
-stops after the same step, saves, and exits with :data:`REQUEUE_EXIT_CODE`.
+Preemption: the trainer stops cleanly on SIGTERM or SIGUSR1. The handler only sets a flag; the
+trainer asks :meth:`PreemptionGuard.should_stop` once per step, which all-reduces the flag so every
+rank stops after the same step, saves, and exits with :data:`REQUEUE_EXIT_CODE`.
 
-``REQUEUE_EXIT_CODE = 75`` is ``EX_TEMPFAIL`` of sysexits.h ("temporary failure, try again").
-Slurm requeues a job on it when the cluster lists it in ``RequeueExit=75`` (slurm.conf); the
-sbatch templates also do it themselves: ``srun ...; [ $? -eq 75 ] && scontrol requeue $SLURM_JOB_ID``.
-On requeue the run resumes from the checkpoint with ``checkpoint.resume=auto``.
+Which signal reaches the trainer under Slurm:
+
+- ``#SBATCH --signal=USR1@600`` (what ``slurm/train_*.sh`` use): SIGUSR1 to every task of the job
+  steps (the trainer ranks) 600 s before the time limit; the batch shell is not signalled. 600 s
+  leaves time to finish a step and write a checkpoint of a large model. ``scancel --signal=USR1 JOB``
+  does the same at any time (a manual preemption).
+- ``--signal=B:USR1@600`` signals *only the batch shell*, never the trainer: it needs a batch script
+  that forwards the signal (``slurm/_launch.sh`` does: it passes SIGUSR1 on to srun's tasks).
+- SIGTERM: sent by Slurm to every process of the job (batch shell included) on ``scancel``, on a
+  preemption and at the time limit, then SIGKILL after the cluster's ``KillWait`` (often 30 s). The
+  trainer saves if the step and the save fit into that window. The batch script does not requeue a
+  job it saw SIGTERM for (a cancelled job must stay cancelled; a scheduler preemption with
+  ``PreemptMode=REQUEUE`` is requeued by Slurm itself).
+
+``REQUEUE_EXIT_CODE = 75`` is ``EX_TEMPFAIL`` of sysexits.h ("temporary failure, try again"). The
+templates requeue the job themselves: rank 0 writes an exit record with status ``preempted`` after
+the checkpoint is complete (:mod:`heptapod_ds.monitor.provenance`) and ``slurm/_train.sh`` runs
+``scontrol requeue $SLURM_JOB_ID`` on it. On requeue the run resumes from the checkpoint with
+``checkpoint.resume=auto``. Clusters that list ``RequeueExit=75`` in slurm.conf requeue on the status
+alone.
 """
 from __future__ import annotations
 

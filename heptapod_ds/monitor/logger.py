@@ -2,22 +2,30 @@
 from __future__ import annotations
 
 import logging
-import os
 import sys
 import warnings
 
 _FMT = "%(asctime)s [%(levelname)s] [rank %(rank)s] %(name)s: %(message)s"
 
 
+def _rank() -> int:
+    from heptapod_ds.distributed.launch_env import env_rank  # lazy: the package imports torch
+
+    return env_rank()
+
+
 class _RankFilter(logging.Filter):
     def filter(self, record: logging.LogRecord) -> bool:
-        record.rank = os.environ.get("RANK", "0")
+        record.rank = _rank()
         return True
 
 
 def setup_logging(level: str = "INFO") -> None:
-    """Configure the root logger once per process; non-zero ranks only report warnings."""
-    rank = int(os.environ.get("RANK", "0") or 0)
+    """Configure the root logger once per process; non-zero ranks only report warnings.
+
+    The rank comes from the launcher's environment (``RANK``, or ``SLURM_PROCID`` under srun), so
+    this may run before torch.distributed exists."""
+    rank = _rank()
     root = logging.getLogger()
     for h in list(root.handlers):
         root.removeHandler(h)

@@ -1,0 +1,150 @@
+"""What ran: an append-only ``{run_dir}/launches.jsonl`` with one record per launch and per exit.
+
+A run directory outlives many launches (a preempted Slurm job is requeued under the same job id,
+a run is resumed on another shape, a config is changed on resume), and ``config.yaml`` only holds
+the latest. Rank 0 appends:
+
+- ``{"event": "launch", ...}`` before training: time, host, the git commit of the code and whether
+  its tracked files differed from it (``dirty``, with the changed paths), the trainer's command
+  line, the launching script and srun command (``HEPTAPOD_LAUNCH_SCRIPT`` / ``HEPTAPOD_LAUNCH_COMMAND``,
+  set by ``slurm/_train.sh``), the Slurm job (id, attempt = ``SLURM_RESTART_COUNT``, nodes, tasks),
+  the parallel layout, and the resolved config with its hash;
+- ``{"event": "exit", ...}`` at the end: ``status`` ``done`` / ``preempted`` / ``failed``, the exit
+  code and step. The same record is written to ``$HEPTAPOD_EXIT_FILE`` when set: the Slurm batch
+  script decides on a requeue from it.
+"""
+from __future__ import annotations
+
+import datetime
+import hashlib
+import json
+import os
+import socket
+import subprocess
+import sys
+from typing import Any, Dict, List, Optional
+
+LAUNCHES = "launches.jsonl"
+EXIT_FILE_ENV = "HEPTAPOD_EXIT_FILE"
+
+# Slurm variables worth keeping, as SLURM_<NAME> -> <name>.
+_SLURM_KEYS = ("JOB_ID", "RESTART_COUNT", "ARRAY_JOB_ID", "ARRAY_TASK_ID", "JOB_NAME", "JOB_PARTITION",
+               "JOB_ACCOUNT", "JOB_QOS", "CLUSTER_NAME", "JOB_NODELIST", "JOB_NUM_NODES", "NTASKS",
+               "NTASKS_PER_NODE", "CPUS_PER_TASK", "GPUS_PER_NODE", "SUBMIT_DIR", "SUBMIT_HOST")
+
+
+def _now() -> str:
+    return datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
+
+
+def git_state(path: Optional[str] = None) -> Dict[str, Any]:
+    """Commit of the checkout holding ``path`` (default: this package) and whether tracked files differ."""
+    path = path or os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+    def git(*args: str) -> subprocess.CompletedProcess:
+        return subprocess.run(["git", "-C", path, *args], capture_output=True, text=True, timeout=60)
+
+    try:
+        head = git("rev-parse", "HEAD")
+        if head.returncode != 0:
+            lines = head.stderr.strip().splitlines()
+            return {"commit": None, "dirty": None, "error": lines[-1] if lines else "git rev-parse failed"}
+        status = git("status", "--porcelain", "--untracked-files=no")
+    except (OSError, subprocess.SubprocessError) as e:
+        return {"commit": None, "dirty": None, "error": f"git unavailable: {e}"}
+    changed: List[str] = [line[3:] for line in status.stdout.splitlines() if line.strip()]
+    out: Dict[str, Any] = {"commit": head.stdout.strip(), "dirty": bool(changed) if status.returncode == 0 else None}
+    if changed:
+        out["changed"] = changed[:100]
+    return out
+
+
+def slurm_state(env=None) -> Optional[Dict[str, str]]:
+    """The Slurm job this process runs in (None outside Slurm)."""
+    env = os.environ if env is None else env
+    if "SLURM_JOB_ID" not in env:
+        return None
+    return {k.lower(): env[f"SLURM_{k}"] for k in _SLURM_KEYS if f"SLURM_{k}" in env}
+
+
+def _append(run_dir: str, record: Dict[str, Any]) -> None:
+    os.makedirs(run_dir, exist_ok=True)
+    with open(os.path.join(run_dir, LAUNCHES), "a") as fh:
+        fh.write(json.dumps(record, default=str) + "\n")
+        fh.flush()
+        os.fsync(fh.fileno())
+
+
+def record_launch(cfg, argv: Optional[List[str]] = None, layout: Optional[Dict[str, int]] = None) -> Dict[str, Any]:
+    """Append the launch record of this attempt to ``{cfg.run_dir}/launches.jsonl`` (call on rank 0)."""
+    from heptapod_ds.config import to_dict
+
+    config = to_dict(cfg)
+    slurm = slurm_state()
+    record = {
+        "event": "launch", "time": _now(), "host": socket.gethostname(), "cwd": os.getcwd(),
+        "argv": [sys.executable, *(sys.argv if argv is None else argv)],
+        "script": os.environ.get("HEPTAPOD_LAUNCH_SCRIPT"),
+        "command": os.environ.get("HEPTAPOD_LAUNCH_COMMAND"),
+        "git": git_state(),
+        "slurm": slurm,
+        "attempt": int(slurm.get("restart_count", 0)) if slurm else None,
+        "layout": layout,
+        "config_sha256": hashlib.sha256(json.dumps(config, sort_keys=True, default=str).encode()).hexdigest(),
+        "config": config,
+    }
+    _append(cfg.run_dir, record)
+    return record
+
+
+def record_exit(run_dir: str, status: str, exit_code: int, step: Optional[int], **extra: Any) -> Dict[str, Any]:
+    """Append the exit record and write it to ``$HEPTAPOD_EXIT_FILE`` if set (call on rank 0)."""
+    if status not in ("done", "preempted", "failed"):
+        raise ValueError(f"exit status must be done, preempted or failed, got {status!r}")
+    slurm = slurm_state()
+    record = {"event": "exit", "time": _now(), "status": status, "exit_code": int(exit_code), "step": step,
+              "slurm_job_id": slurm.get("job_id") if slurm else None,
+              "attempt": int(slurm.get("restart_count", 0)) if slurm else None, **extra}
+    _append(run_dir, record)
+    path = os.environ.get(EXIT_FILE_ENV)
+    if path:
+        tmp = f"{path}.tmp"
+        with open(tmp, "w") as fh:
+            fh.write(json.dumps(record, default=str) + "\n")
+        os.replace(tmp, path)
+    return record
+
+
+class RunRecord:
+    """``with RunRecord(cfg, info, argv) as r: ...; r.finished(code, step)``: the launch record on entry,
+    the exit record on :meth:`finished` (``done`` for 0, else ``preempted``) or ``failed`` if the block
+    raises. Only rank 0 (``info.rank == 0``) writes."""
+
+    def __init__(self, cfg, info, argv: Optional[List[str]] = None):
+        self.cfg, self.rank0 = cfg, info.rank == 0
+        self.argv = sys.argv if argv is None else [sys.argv[0], *argv]
+        self.layout = {"world": info.world_size, "tensor": info.tp_size, "pipeline": info.pp_size,
+                       "data": info.dp_size}
+        self.step: Optional[int] = None
+
+    def __enter__(self) -> "RunRecord":
+        if self.rank0:
+            record_launch(self.cfg, argv=self.argv, layout=self.layout)
+        return self
+
+    def finished(self, exit_code: int, step: int, **extra: Any) -> None:
+        self.step = step
+        if self.rank0:
+            record_exit(self.cfg.run_dir, "done" if exit_code == 0 else "preempted", exit_code, step, **extra)
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        if exc is not None and self.rank0:
+            try:
+                record_exit(self.cfg.run_dir, "failed", 1, self.step, error=f"{exc_type.__name__}: {exc}"[:2000])
+            except OSError:
+                pass  # the original error matters more than its record
+
+
+def read_launches(run_dir: str) -> List[Dict[str, Any]]:
+    with open(os.path.join(run_dir, LAUNCHES)) as fh:
+        return [json.loads(line) for line in fh if line.strip()]

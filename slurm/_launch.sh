@@ -1,0 +1,111 @@
+# shellcheck shell=bash
+# The shared launcher of the slurm/*.sh jobs; sourced by _train.sh, pretokenize.sh and sample_fid.sh.
+#
+# launch_init              cd to the submit directory (the repository root), check it and the venv.
+# launch_env               inside the job: export the rendezvous (MASTER_ADDR/PORT), the world size,
+#                          threads and CPUs per task for srun.
+# launch_srun CMD...       run CMD on every task with srun in the background while this batch shell
+#                          waits, so that it can act on signals: SIGUSR1 is forwarded to the tasks
+#                          (or, with LAUNCH_USR1=requeue, ends the step and asks for a requeue);
+#                          SIGTERM/SIGINT (scancel, preemption, time limit) are forwarded as SIGUSR1
+#                          so the trainer saves, and mark the job as stopped: no requeue from here.
+#                          Sets LAUNCH_RC (srun's status), LAUNCH_STOPPED (TERM/INT or empty) and
+#                          LAUNCH_REQUEUE_ASKED (1 after SIGUSR1 with LAUNCH_USR1=requeue).
+# launch_requeue REASON    scontrol requeue this job (it starts again with the same id).
+#
+# Why the batch shell waits in the background: bash runs a trap only after a foreground command
+# returns, so a batch shell blocked on a foreground srun could not forward a signal in time.
+# Why SIGUSR1 and not SIGTERM is forwarded: srun answers SIGTERM by SIGKILLing its tasks.
+
+launch_log() { echo "[slurm $(date +%H:%M:%S)] $*"; }
+launch_die() { echo "[slurm $(date +%H:%M:%S)] error: $*" >&2; exit 2; }
+
+launch_init() {
+  set -uo pipefail
+  LAUNCH_REPO="${SLURM_SUBMIT_DIR:-$PWD}"
+  cd "$LAUNCH_REPO" || launch_die "cannot enter the submit directory $LAUNCH_REPO"
+  if [[ ! -f slurm/_launch.sh || ! -f heptapod_ds/train.py ]]; then
+    launch_die "$LAUNCH_REPO is not the heptapod_ds repository root; submit from there: cd <repo> && sbatch slurm/<job>.sh"
+  fi
+  PY="${PYTHON:-.venv/bin/python}"
+  if [[ ! -x "$PY" ]]; then
+    launch_die "no Python at $PY (in $LAUNCH_REPO); run 'bash tools/setup.sh' on a login node first, or set PYTHON=/path/to/python"
+  fi
+  mkdir -p logs
+}
+
+launch_env() {
+  [[ -n "${SLURM_JOB_ID:-}" ]] || launch_die "not inside a Slurm job; submit the job with sbatch slurm/<job>.sh"
+  LAUNCH_ATTEMPT="${SLURM_RESTART_COUNT:-0}"
+  # The world size: SLURM_NTASKS is set by --ntasks or --nodes with --ntasks-per-node.
+  if [[ -z "${SLURM_NTASKS:-}" && -n "${SLURM_NTASKS_PER_NODE:-}" ]]; then
+    export SLURM_NTASKS=$((SLURM_JOB_NUM_NODES * SLURM_NTASKS_PER_NODE))
+  fi
+  export MASTER_ADDR="${MASTER_ADDR:-$(scontrol show hostnames "$SLURM_JOB_NODELIST" | head -n 1)}"
+  # Every task derives the same port from the job id (the trainer does the same without MASTER_PORT).
+  export MASTER_PORT="${MASTER_PORT:-$((20000 + SLURM_JOB_ID % 20000))}"
+  # Slurm 22.05's srun no longer inherits --cpus-per-task from sbatch: hand it over explicitly,
+  # or a task-binding cluster pins every rank (and its data workers) to one CPU.
+  if [[ -n "${SLURM_CPUS_PER_TASK:-}" ]]; then
+    export SRUN_CPUS_PER_TASK="$SLURM_CPUS_PER_TASK"
+  fi
+  export OMP_NUM_THREADS="${OMP_NUM_THREADS:-${SLURM_CPUS_PER_TASK:-8}}"
+  export PYTHONUNBUFFERED=1
+}
+
+_launch_on_signal() {
+  local sig="$1"
+  case "$sig" in
+    USR1)
+      if [[ "${LAUNCH_USR1:-forward}" == requeue ]]; then
+        launch_log "SIGUSR1: ending the job step; the job will be requeued and resume"
+        LAUNCH_REQUEUE_ASKED=1
+        kill -TERM "$LAUNCH_SRUN_PID" 2>/dev/null
+        return
+      fi
+      launch_log "SIGUSR1: forwarded to the tasks"
+      ;;
+    *)
+      LAUNCH_STOPPED="$sig"
+      launch_log "SIG$sig: the job is being cancelled, preempted or is out of time; asking the tasks to save" \
+                 "and stop (SIGUSR1); this script will not requeue it"
+      ;;
+  esac
+  kill -USR1 "$LAUNCH_SRUN_PID" 2>/dev/null
+}
+
+# shellcheck disable=SC2034  # LAUNCH_STOPPED, LAUNCH_REQUEUE_ASKED, LAUNCH_RC: results for the caller
+launch_srun() {
+  LAUNCH_STOPPED=""
+  LAUNCH_REQUEUE_ASKED=0
+  local srun_args=(--kill-on-bad-exit=1 --cpu-bind=none)
+  [[ -n "${SLURM_CPUS_PER_TASK:-}" ]] && srun_args+=(--cpus-per-task="$SLURM_CPUS_PER_TASK")
+  LAUNCH_COMMAND="srun ${srun_args[*]} $(printf '%q ' "$@")"
+  export HEPTAPOD_LAUNCH_COMMAND="$LAUNCH_COMMAND"
+  launch_log "job $SLURM_JOB_ID attempt $LAUNCH_ATTEMPT: ${SLURM_NTASKS:-?} tasks on ${SLURM_JOB_NUM_NODES:-?} node(s)" \
+             "[$SLURM_JOB_NODELIST], master $MASTER_ADDR:$MASTER_PORT"
+  launch_log "$LAUNCH_COMMAND"
+  trap '_launch_on_signal TERM' TERM
+  trap '_launch_on_signal INT' INT
+  trap '_launch_on_signal USR1' USR1
+  srun "${srun_args[@]}" "$@" &
+  LAUNCH_SRUN_PID=$!
+  # A trapped signal interrupts `wait` with a status > 128 while srun still runs: wait again.
+  while :; do
+    wait "$LAUNCH_SRUN_PID"
+    LAUNCH_RC=$?
+    kill -0 "$LAUNCH_SRUN_PID" 2>/dev/null || break
+  done
+  trap - TERM INT USR1
+  launch_log "srun exited with status $LAUNCH_RC"
+}
+
+launch_requeue() {
+  launch_log "requeueing job $SLURM_JOB_ID: $*"
+  if scontrol requeue "$SLURM_JOB_ID"; then
+    return 0
+  fi
+  launch_log "error: 'scontrol requeue $SLURM_JOB_ID' failed (job submitted with --no-requeue, or requeue" \
+             "disabled on this cluster); submit the same command again to resume"
+  return 1
+}
