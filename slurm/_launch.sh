@@ -41,9 +41,11 @@ launch_env() {
   if [[ -z "${SLURM_NTASKS:-}" && -n "${SLURM_NTASKS_PER_NODE:-}" ]]; then
     export SLURM_NTASKS=$((SLURM_JOB_NUM_NODES * SLURM_NTASKS_PER_NODE))
   fi
-  export MASTER_ADDR="${MASTER_ADDR:-$(scontrol show hostnames "$SLURM_JOB_NODELIST" | head -n 1)}"
-  # Every task derives the same port from the job id (the trainer does the same without MASTER_PORT).
-  export MASTER_PORT="${MASTER_PORT:-$((20000 + SLURM_JOB_ID % 20000))}"
+  # Derived from this job, never inherited: sbatch exports the submitting shell's environment, and a
+  # MASTER_ADDR left there from another run would send every rank to the wrong host.
+  MASTER_ADDR="$(scontrol show hostnames "$SLURM_JOB_NODELIST" | head -n 1)"
+  MASTER_PORT=$((20000 + SLURM_JOB_ID % 20000))   # what the trainer derives too
+  export MASTER_ADDR MASTER_PORT
   # Slurm 22.05's srun no longer inherits --cpus-per-task from sbatch: hand it over explicitly,
   # or a task-binding cluster pins every rank (and its data workers) to one CPU.
   if [[ -n "${SLURM_CPUS_PER_TASK:-}" ]]; then
