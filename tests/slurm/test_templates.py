@@ -34,7 +34,7 @@ def dry_run(name: str, world: int, *overrides: str, **env_extra: str) -> subproc
            if not k.startswith("SLURM_") and k not in ("RANK", "WORLD_SIZE", "PYTHONPATH")}
     env.update(SLURM_NTASKS=str(world), SLURM_SUBMIT_DIR=REPO, HEPTAPOD_DRY_RUN="1", **env_extra)
     return subprocess.run(["bash", os.path.join(SLURM, name), *overrides], env=env, cwd=REPO,
-                          capture_output=True, text=True, timeout=120)
+                          capture_output=True, text=True, timeout=900)
 
 
 def test_scripts_parse_and_are_shellcheck_clean():
