@@ -55,11 +55,15 @@ if [[ -z "$world" && -n "${SLURM_NTASKS_PER_NODE:-}" && -n "${SLURM_JOB_NUM_NODE
   world=$((SLURM_JOB_NUM_NODES * SLURM_NTASKS_PER_NODE))
 fi
 [[ -n "$world" ]] || launch_die "unknown world size: submit with sbatch (or set SLURM_NTASKS for a dry run)"
-if ! config_yaml="$(WORLD_SIZE="$world" "$PY" heptapod_ds/train.py "${args[@]}" --print-config 2>&1)"; then
-  echo "$config_yaml" >&2
+# stdout is the config; stderr (errors, and import-time warnings of torch/megatron) is shown on failure.
+check_err="$(mktemp)"
+if ! config_yaml="$(WORLD_SIZE="$world" "$PY" heptapod_ds/train.py "${args[@]}" --print-config 2>"$check_err")"; then
+  cat "$check_err" >&2
+  rm -f "$check_err"
   launch_die "the configuration is invalid for $world tasks (see above); change the sbatch shape" \
              "(--nodes, --ntasks-per-node) or the knobs/overrides (TP, PP, ZERO, MICRO_BATCH, key=value)"
 fi
+rm -f "$check_err"
 if [[ "${HEPTAPOD_DRY_RUN:-0}" == 1 ]]; then
   echo "$config_yaml"
   exit 0
