@@ -36,3 +36,24 @@ def single_rank():
     info = parallel_state.initialize(tensor=1, pipeline=1, seed=0, launch=env)
     yield info
     parallel_state.destroy()
+
+
+def pytest_sessionstart(session):
+    """Build DeepSpeed's shared-memory op once, here, before any test spawns ranks.
+
+    Otherwise the first multi-rank test compiles it in 2-4 processes at once, and a build killed half-way
+    (a timed-out test) leaves torch's ``lock`` file behind, on which every later start waits forever.
+    A lock older than 10 minutes is such a leftover: no build of this op takes that long.
+    """
+    import time
+
+    root = pathlib.Path(os.environ["TORCH_EXTENSIONS_DIR"])
+    for lock in root.glob("*/lock"):
+        if time.time() - lock.stat().st_mtime > 600:
+            lock.unlink(missing_ok=True)
+    try:
+        from deepspeed.comm.torch import build_shm_op
+
+        build_shm_op()
+    except Exception as e:  # the tests that need the op then report the real error themselves
+        print(f"conftest: DeepSpeed's shm op did not build up front ({e}); tests will build it", file=sys.stderr)
