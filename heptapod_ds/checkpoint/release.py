@@ -17,7 +17,6 @@ Loader API (stable; used by tools/sample_fid.py and ``checkpoint.from_release``)
 """
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import pathlib
@@ -25,6 +24,8 @@ import time
 from typing import Any, Dict, List, Optional, Tuple
 
 import torch
+
+from heptapod_ds.data.format import sha256_file
 
 log = logging.getLogger(__name__)
 
@@ -39,15 +40,6 @@ class ReleaseError(ValueError):
     """A release folder that cannot be used; the message names the file."""
 
 
-def sha256_file(path, chunk: int = 1 << 24) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        while True:
-            block = fh.read(chunk)
-            if not block:
-                break
-            h.update(block)
-    return h.hexdigest()
 
 
 def write_release(out: pathlib.Path, tensors: Dict[str, torch.Tensor], cfg, source: Dict[str, Any],
