@@ -95,7 +95,6 @@ def verify_release(path) -> List[str]:
 
 def load_release_config(path):
     """The :class:`HeptapodConfig` of a release (validated for one process)."""
-    from heptapod_ds.config.loader import validate
 
     from .names import saved_config
 
@@ -111,10 +110,17 @@ def load_release_config(path):
     if data.get("format") != FORMAT:
         raise ReleaseError(f"{cfg_file} is not a {FORMAT} config (format={data.get('format')!r}).")
     cfg = saved_config(data["config"], cfg_file)
+    return one_process_config(cfg)
+
+
+def one_process_config(cfg):
+    """``cfg`` validated for one process on any machine: no parallel layout, no DeepSpeed file, and none
+    of the files only the training machine had (its start release, its in-training FID inputs)."""
+    from heptapod_ds.config.loader import validate
+
     cfg.parallel.tensor, cfg.parallel.pipeline, cfg.parallel.world_size = 1, 1, 0
     cfg.train.grad_accum = 0
     cfg.parallel.ds_config = None
-    # files only the training machine had: the run's start release and its in-training FID inputs
     cfg.checkpoint.from_release = None
     cfg.eval.fid_every = 0
     return validate(cfg, world_size=1)

@@ -31,18 +31,6 @@ class SamplingSource:
     step: Optional[int]
 
 
-def _one_process_cfg(cfg):
-    from heptapod_ds.config.loader import validate
-
-    cfg.parallel.tensor, cfg.parallel.pipeline, cfg.parallel.world_size = 1, 1, 0
-    cfg.train.grad_accum = 0
-    cfg.parallel.ds_config = None
-    # files only the training machine had: the run's start release and its in-training FID inputs
-    cfg.checkpoint.from_release = None
-    cfg.eval.fid_every = 0
-    return validate(cfg, world_size=1)
-
-
 def check_tokenizer_weights(cfg, override: Optional[str] = None) -> None:
     """kl16/vq16 decode through local weights: refuse a missing file before sampling anything."""
     tok = cfg.tokenizer
@@ -77,9 +65,10 @@ def load_sampling_source(path: str, weights: str = "ema") -> SamplingSource:
         return SamplingSource(cfg, {k: v.float() for k, v in state.items()}, "release", str(p.resolve()), stored,
                               f"release:{ident}", step)
     from heptapod_ds.checkpoint.reader import TrainingCheckpoint
+    from heptapod_ds.checkpoint.release import one_process_config
 
     ckpt = TrainingCheckpoint(p)
-    cfg = _one_process_cfg(ckpt.cfg)
+    cfg = one_process_config(ckpt.cfg)
     kind = "ema" if weights == "ema" else "fp32"
     if kind == "ema" and not ckpt.has_ema:
         raise ValueError(f"checkpoint {ckpt.dir} has no EMA (trained with train.ema_decay=0); pass --weights raw.")
