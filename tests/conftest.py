@@ -57,3 +57,13 @@ def pytest_sessionstart(session):
         build_shm_op()
     except Exception as e:  # the tests that need the op then report the real error themselves
         print(f"conftest: DeepSpeed's shm op did not build up front ({e}); tests will build it", file=sys.stderr)
+
+
+@pytest.fixture(autouse=True)
+def _no_parallel_state_leaks():
+    """A test that leaves the parallel state initialized must not break the next one's initialize()."""
+    yield
+    from heptapod_ds.distributed import parallel_state
+
+    if parallel_state.is_initialized():
+        parallel_state.destroy()
