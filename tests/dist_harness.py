@@ -70,7 +70,9 @@ def run_ranks(fn: Callable, world_size: int, args: Sequence[Any] = (), timeout: 
     ctx = mp.get_context("spawn")
     queue = ctx.Queue()
     port = free_port()
-    procs = [ctx.Process(target=_worker, args=(fn, r, world_size, port, tuple(args), queue), daemon=True)
+    # not daemonic: a rank may start processes of its own (FFCV's writer when it builds the digits
+    # dataset on a fresh clone); the finally below kills whatever is still alive
+    procs = [ctx.Process(target=_worker, args=(fn, r, world_size, port, tuple(args), queue), daemon=False)
              for r in range(world_size)]
     for p in procs:
         p.start()

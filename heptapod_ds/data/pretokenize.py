@@ -18,6 +18,7 @@ from __future__ import annotations
 import concurrent.futures as cf
 import json
 import logging
+import multiprocessing as mp
 import os
 import shutil
 import time
@@ -99,6 +100,10 @@ def pretokenize(source, tokenizer: Tokenizer, tok_cfg: TokenizerConfig, output: 
     error = None
     if coord.rank == 0:
         try:
+            if mp.current_process().daemon:
+                raise RuntimeError("writing a beton needs FFCV's writer processes, and this is a daemonic process, "
+                                   "which may not start any. Build the dataset first from a normal process "
+                                   "(python tools/pretokenize.py ..., or one train.py run), then start the workers.")
             if lock is not None:
                 lock.acquire()
             _prepare_output(source, tok_cfg, output, opts)

@@ -97,6 +97,18 @@ def test_lock_held_by_another_job_is_an_error(tmp_path):
     assert not (tmp_path / "locked.beton").exists() and not (tmp_path / "locked.beton.json").exists()
 
 
+def test_daemonic_process_is_refused_before_anything_is_written(tmp_path, monkeypatch):
+    """A rank of a daemonic pool (a test harness, some launchers) cannot start FFCV's writer processes."""
+    import multiprocessing as mp
+
+    src = ImageFolderSource(str(make_image_folder(tmp_path / "in", corrupt=False)), 32)
+    cfg = TokenizerConfig(name="patch", image_size=32, stride=16, channels=768)
+    monkeypatch.setitem(mp.current_process()._config, "daemon", True)
+    with pytest.raises(RuntimeError, match="daemonic process.*Build the dataset first"):
+        pretokenize(src, _Interrupting(), cfg, str(tmp_path / "d.beton"), PretokenizeOptions(**OPTS))
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["in"]
+
+
 def test_image_folder_without_images_is_an_error(tmp_path):
     with pytest.raises(EmptySourceError, match="no class sub-folders"):
         ImageFolderSource(str(tmp_path), 32)

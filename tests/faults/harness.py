@@ -196,8 +196,9 @@ def _flatten(obj, prefix: str, out: Dict[str, object]) -> None:
         out[prefix] = obj
 
 
-# Leaves that legitimately differ between two runs of the same training: none of the state.
-_VOLATILE = re.compile(r"/(ds_config|ds_version)(/|$)")
+# Leaves that legitimately differ between two runs of the same training: DeepSpeed's bookkeeping and the
+# measured wall time (client_state/wall_s); none of the training state.
+_VOLATILE = re.compile(r"/(ds_config|ds_version|wall_s)(/|$)")
 
 
 def checkpoint_state(ckpt: pathlib.Path) -> Dict[str, object]:
