@@ -22,6 +22,8 @@ from typing import Any, Callable, Dict, List, Optional
 
 import torch
 
+from heptapod_ds.engine import integrity
+
 from heptapod_ds.engine.checkpoint import META
 
 from . import zero_layout as zl
@@ -376,5 +378,8 @@ class LayoutWriter:
                 "layout": {"tensor": self.tp, "pipeline": self.pp, "dp": self.dp, "zero_stage": self.zero},
                 "has_ema": self.s.ema is not None, "config": to_dict(self.cfg),
                 "converted_from": self.s.source}
+        # the same checksums and seal as a checkpoint the trainer writes: resume=auto and `verify` check them
+        meta["files"] = integrity.describe_files(self.dir, integrity.list_files(self.dir))
+        meta = integrity.seal_meta(meta)
         (self.dir / META).write_text(json.dumps(meta, indent=1, default=str))
         (self.dir.parent / "latest").write_text(self.tag)

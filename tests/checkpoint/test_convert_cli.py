@@ -62,6 +62,8 @@ def test_every_layout_round_trips_bit_exactly(made, tp, zero):
     run, out = tmp / f"rs{tp}{zero}", tmp / f"rel{tp}{zero}"
     assert main(["reshard", "--ckpt", str(tmp / "run"), "--out", str(run), "--tensor", str(tp), "--dp", "2",
                  "--zero", str(zero)]) == 0
+    from heptapod_ds.engine.integrity import verify_checkpoint
+    assert verify_checkpoint(run / "checkpoints" / "global_step0", strict=True) == []  # every file hashed
     assert main(["to-release", "--ckpt", str(run), "--out", str(out), "--weights", "raw"]) == 0
     got = _release(out)
     assert got.keys() == tensors.keys() and all(torch.equal(got[k], tensors[k]) for k in tensors)
