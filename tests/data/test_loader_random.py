@@ -159,7 +159,7 @@ def test_tp_peers_read_identical_noisy_flipped_batches_and_dp_ranks_disjoint_sha
     for r in results:
         by_dp.setdefault(r["dp"], []).append(r)
     assert sorted(by_dp) == [0, 1]
-    single = _cfg(noisy_beton, 2, "parallel.tensor=2")  # what each DP rank must read, built here alone
+    single = _cfg(noisy_beton, 4, "parallel.tensor=2")  # what each DP rank of the 4-rank world must read, here alone
     for dp, peers in by_dp.items():
         assert len(peers) == 2
         for key in ("tokens", "labels", "ids"):

@@ -2,6 +2,7 @@
 to 1e-12 (statistics); batch size 3 == 8; SIGTERM mid-way then resume gives the same samples.npz."""
 import json
 import os
+import pathlib
 import signal
 import subprocess
 import sys
@@ -72,9 +73,8 @@ def one_rank(release, tmp_path_factory, repo_root_module):
 
 @pytest.fixture(scope="module")
 def repo_root_module():
-    from conftest import REPO
-
-    return REPO
+    # not `from conftest import REPO`: with several conftest.py files that name is whichever loaded first
+    return pathlib.Path(__file__).resolve().parents[2]
 
 
 @pytest.mark.slow
