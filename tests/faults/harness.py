@@ -201,13 +201,58 @@ def _flatten(obj, prefix: str, out: Dict[str, object]) -> None:
 _VOLATILE = re.compile(r"/(ds_config|ds_version|wall_s)(/|$)")
 
 
+def _zero3_padding(ckpt: pathlib.Path, tp_rank: int, dp_rank: int):
+    """Where this rank's ZeRO-3 partitions hold padding: ``(masks per fp32 flat group, {name: valid length})``.
+
+    DeepSpeed cuts each parameter into ``dp`` partitions of ceil(numel / dp) elements; the last ones end
+    in padding it allocates uninitialised and never uses, so two identical runs hold different bytes
+    there (seen: 6e-38 against -1e-10). The padding is not training state; everything else is compared."""
+    import torch
+
+    meta = torch.load(ckpt / f"zero_pp_rank_{dp_rank}_mp_rank_{tp_rank:02d}_model_states.pt", map_location="cpu",
+                      weights_only=False)
+    dp = int(meta["dp_world_size"])
+    masks, valid = [], {}
+    for group in meta["param_shapes"]:
+        parts = []
+        for name, shape in group.items():
+            n = int(torch.Size(shape).numel())
+            size = -(-n // dp)
+            valid[name] = max(0, min(size, n - dp_rank * size))
+            parts.append(torch.arange(size) < valid[name])
+        masks.append(torch.cat(parts) if parts else torch.zeros(0, dtype=torch.bool))
+    return masks, valid
+
+
+def _without_zero3_padding(ckpt: pathlib.Path, rel: str, obj):
+    import torch
+
+    m = re.fullmatch(r"zero_pp_rank_(\d+)_mp_rank_(\d+)_optim_states\.pt", rel)
+    if m:
+        masks, _ = _zero3_padding(ckpt, int(m.group(2)), int(m.group(1)))
+        groups = obj["optimizer_state_dict"]["fp32_flat_groups"]
+        obj["optimizer_state_dict"]["fp32_flat_groups"] = [g[k] for g, k in zip(groups, masks)]
+    m = re.fullmatch(r"heptapod_rank(\d+)\.pt", rel)
+    ema = obj.get("ema") if isinstance(obj, dict) else None
+    if m and ema and ema.get("partitioned"):
+        meta = json.loads((ckpt / "heptapod_meta.json").read_text())
+        tp = int(meta["layout"]["tensor"])
+        rank = int(m.group(1))
+        _, valid = _zero3_padding(ckpt, rank % tp, rank // tp)  # global rank = dp_rank * tp + tp_rank
+        ema["shadow"] = [t[:valid[n]] if torch.is_tensor(t) and t.dim() == 1 else t
+                         for n, t in zip(ema["names"], ema["shadow"])]
+    return obj
+
+
 def checkpoint_state(ckpt: pathlib.Path) -> Dict[str, object]:
-    """Every tensor and scalar of every file of a checkpoint, by file and key path."""
+    """Every tensor and scalar of every file of a checkpoint, by file and key path (ZeRO-3's unused
+    partition padding left out)."""
     import torch
 
     out: Dict[str, object] = {}
     for f in sorted(ckpt.rglob("*.pt")):
-        _flatten(torch.load(f, map_location="cpu", weights_only=False), f.relative_to(ckpt).as_posix(), out)
+        rel = f.relative_to(ckpt).as_posix()
+        _flatten(_without_zero3_padding(ckpt, rel, torch.load(f, map_location="cpu", weights_only=False)), rel, out)
     return {k: v for k, v in out.items() if not _VOLATILE.search(k)}
 
 
