@@ -20,6 +20,7 @@ pytestmark = pytest.mark.slow
 HERE = os.path.dirname(os.path.abspath(__file__))
 REPO = os.path.dirname(os.path.dirname(HERE))
 FAULTS = os.path.join(HERE, "train_with_faults.py")
+REQUEUE = 75  # the trainer's exit status when it stopped for a signal (Slurm requeues it)
 
 # A small model that still exercises every part (global head, EMA, checkpoints) in seconds per step.
 SMALL = ["backbone.depth=2", "backbone.width=32", "backbone.num_heads=2", "head.depth=1", "head.width=32",
