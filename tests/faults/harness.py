@@ -202,25 +202,28 @@ _VOLATILE = re.compile(r"/(ds_config|ds_version|wall_s)(/|$)")
 
 
 def _zero3_padding(ckpt: pathlib.Path, tp_rank: int, dp_rank: int):
-    """Where this rank's ZeRO-3 partitions hold padding: ``(masks per fp32 flat group, {name: valid length})``.
+    """Where this rank's ZeRO-3 partitions hold padding: ``(mask per fp32 flat sub-group, {name: valid length})``.
 
-    DeepSpeed cuts each parameter into ``dp`` partitions of ceil(numel / dp) elements; the last ones end
-    in padding it allocates uninitialised and never uses, so two identical runs hold different bytes
-    there (seen: 6e-38 against -1e-10). The padding is not training state; everything else is compared."""
+    DeepSpeed cuts each parameter into ``dp`` pieces of ceil(numel / dp) elements (layout:
+    ``heptapod_ds/checkpoint/zero_layout.py``); the last ones end in padding it allocates uninitialised and
+    never uses, so two identical runs hold different bytes there (seen: 6e-38 against -1e-10). The padding
+    is not training state; everything else is compared."""
     import torch
 
-    meta = torch.load(ckpt / f"zero_pp_rank_{dp_rank}_mp_rank_{tp_rank:02d}_model_states.pt", map_location="cpu",
-                      weights_only=False)
+    from heptapod_ds.checkpoint import zero_layout as zl
+
+    meta = torch.load(ckpt / zl.model_file(3, tp_rank, dp_rank), map_location="cpu", weights_only=False)
     dp = int(meta["dp_world_size"])
+    sub_group_size = int(meta["ds_config"]["zero_optimization"].get("sub_group_size", 1_000_000_000))
     masks, valid = [], {}
     for group in meta["param_shapes"]:
-        parts = []
-        for name, shape in group.items():
-            n = int(torch.Size(shape).numel())
-            size = -(-n // dp)
-            valid[name] = max(0, min(size, n - dp_rank * size))
-            parts.append(torch.arange(size) < valid[name])
-        masks.append(torch.cat(parts) if parts else torch.zeros(0, dtype=torch.bool))
+        names = list(group)
+        numels = [int(torch.Size(group[n]).numel()) for n in names]
+        for name, n in zip(names, numels):
+            piece = zl.zero3_piece(n, dp)
+            valid[name] = max(0, min(piece, n - dp_rank * piece))
+        for sub in zl.zero3_sub_groups(numels, dp, sub_group_size):
+            masks.append(torch.cat([torch.arange(zl.zero3_piece(numels[i], dp)) < valid[names[i]] for i in sub]))
     return masks, valid
 
 
@@ -231,6 +234,7 @@ def _without_zero3_padding(ckpt: pathlib.Path, rel: str, obj):
     if m:
         masks, _ = _zero3_padding(ckpt, int(m.group(2)), int(m.group(1)))
         groups = obj["optimizer_state_dict"]["fp32_flat_groups"]
+        assert len(groups) == len(masks), f"{rel}: {len(groups)} flat groups, the layout gives {len(masks)}"
         obj["optimizer_state_dict"]["fp32_flat_groups"] = [g[k] for g, k in zip(groups, masks)]
     m = re.fullmatch(r"heptapod_rank(\d+)\.pt", rel)
     ema = obj.get("ema") if isinstance(obj, dict) else None
@@ -238,7 +242,8 @@ def _without_zero3_padding(ckpt: pathlib.Path, rel: str, obj):
         meta = json.loads((ckpt / "heptapod_meta.json").read_text())
         tp = int(meta["layout"]["tensor"])
         rank = int(m.group(1))
-        _, valid = _zero3_padding(ckpt, rank % tp, rank // tp)  # global rank = dp_rank * tp + tp_rank
+        # zero_layout.global_rank's order with PP=1: rank = tp_rank + tp * dp_rank
+        _, valid = _zero3_padding(ckpt, rank % tp, rank // tp)
         ema["shadow"] = [t[:valid[n]] if torch.is_tensor(t) and t.dim() == 1 else t
                          for n, t in zip(ema["names"], ema["shadow"])]
     return obj
