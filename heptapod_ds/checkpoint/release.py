@@ -40,8 +40,6 @@ class ReleaseError(ValueError):
     """A release folder that cannot be used; the message names the file."""
 
 
-
-
 def write_release(out: pathlib.Path, tensors: Dict[str, torch.Tensor], cfg, source: Dict[str, Any],
                   weights: str, dtype: str, extra: Optional[Dict[str, Any]] = None) -> None:
     """Write the three files into ``out`` (an empty staging folder; the caller renames it into place)."""
@@ -95,7 +93,6 @@ def verify_release(path) -> List[str]:
 
 def load_release_config(path):
     """The :class:`HeptapodConfig` of a release (validated for one process)."""
-
     from .names import saved_config
 
     path = pathlib.Path(path)

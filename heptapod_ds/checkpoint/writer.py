@@ -23,7 +23,6 @@ from typing import Any, Callable, Dict, List, Optional
 import torch
 
 from heptapod_ds.engine import integrity
-
 from heptapod_ds.engine.checkpoint import META
 
 from . import zero_layout as zl
