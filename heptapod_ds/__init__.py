@@ -1,4 +1,4 @@
 """heptapod_ds: distributed training, conversion, sampling and scoring for Heptapod image generators."""
-from . import _megatron_startup
+from . import _startup
 
-_megatron_startup.install()
+_startup.install()

@@ -116,4 +116,6 @@ def _exit_after_collective_failure(what: str, trainer, cfg) -> None:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    from heptapod_ds.distributed.process_exit import exit_process
+
+    exit_process(main())

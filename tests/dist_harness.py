@@ -50,12 +50,14 @@ def _unpack(data: bytes):
 
 def _worker(fn, rank, world_size, port, args, queue):
     os.environ.update(_rank_env(rank, world_size, port))
+    code = 0
     try:
         import torch
         torch.set_num_threads(1)
         result = fn(rank, world_size, *args)
         queue.put((rank, True, _pack(result)))
     except BaseException:  # noqa: BLE001 - report everything to the parent
+        code = 1
         queue.put((rank, False, traceback.format_exc()))
     finally:
         try:
@@ -64,6 +66,11 @@ def _worker(fn, rank, world_size, port, args, queue):
                 parallel_state.destroy()
         except Exception:  # noqa: BLE001
             pass
+    queue.close()
+    queue.join_thread()  # the result is in the pipe before the process goes
+    from heptapod_ds.distributed.process_exit import exit_process
+
+    exit_process(code)  # spawned ranks otherwise pay the interpreter's native tear-down (seconds each)
 
 
 def run_ranks(fn: Callable, world_size: int, args: Sequence[Any] = (), timeout: float = 300) -> List[Any]:

@@ -217,4 +217,6 @@ def _submit(grid, specs, todo, out, args) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    from heptapod_ds.distributed.process_exit import exit_process
+
+    exit_process(main())

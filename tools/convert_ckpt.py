@@ -18,4 +18,6 @@ os.environ.setdefault("DS_ACCELERATOR", "cpu")  # the converter never needs a GP
 from heptapod_ds.checkpoint.cli import main  # noqa: E402
 
 if __name__ == "__main__":
-    sys.exit(main())
+    from heptapod_ds.distributed.process_exit import exit_process
+
+    exit_process(main())

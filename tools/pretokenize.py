@@ -113,4 +113,6 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    from heptapod_ds.distributed.process_exit import exit_process
+
+    exit_process(main())

@@ -56,5 +56,6 @@ if __name__ == "__main__":
         _torn_write(int(os.environ["HEPTAPOD_TORN_WRITE"]))
     if os.environ.get("HEPTAPOD_NAN_AT"):
         _nan_at(os.environ["HEPTAPOD_NAN_AT"])
+    from heptapod_ds.distributed.process_exit import exit_process
     from heptapod_ds.train import main
-    sys.exit(main(sys.argv[1:]))
+    exit_process(main(sys.argv[1:]))
