@@ -181,7 +181,7 @@ SIGNALS = [("ZeRO-0, TP=1 x DP=4", "SIGTERM", 0, 3), ("ZeRO-3, TP=2 x DP=2, grad
            ("ZeRO-0, TP=2 x DP=2", "SIGUSR1", 1, 5), ("ZeRO-3, TP=1 x DP=4", "SIGTERM", 2, 5)]
 # (layout, how the rank fails, rank, in the forward of step)
 RANK_FAULTS = {"ZeRO-0, TP=1 x DP=4": ("SIGKILL", 2, 6), "ZeRO-3, TP=2 x DP=2, grad_accum 2": ("SIGSTOP", 1, 6)}
-TIMEOUT_S = 45  # parallel.collective_timeout_s of the launch in which a rank dies or hangs
+TIMEOUT_S = 30  # parallel.collective_timeout_s of the launch in which a rank dies or hangs
 # a NaN loss in micro batch 2 of 2 of step 2 on rank 3 only, in the reference and in every launch of the layout
 NAN = {"ZeRO-3, TP=2 x DP=2, grad_accum 2": "2:3:1"}
 
