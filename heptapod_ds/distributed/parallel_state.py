@@ -43,6 +43,8 @@ class ParallelInfo:
 
 _INFO: Optional[ParallelInfo] = None
 _OWNS_PROCESS_GROUP = False
+# the process groups megatron-core created in initialize(); its destroy_model_parallel() only forgets them
+_MEGATRON_GROUPS: list = []
 
 
 def choose_backend(requested: str = "auto") -> str:
@@ -87,9 +89,11 @@ def initialize(tensor: int = 1, pipeline: int = 1, backend: str = "auto", seed: 
                                 timeout=datetime.timedelta(minutes=timeout_minutes))
         _OWNS_PROCESS_GROUP = True
 
+    before = _live_groups()
     mps.initialize_model_parallel(tensor_model_parallel_size=tensor, pipeline_model_parallel_size=pipeline,
                                   distributed_timeout_minutes=timeout_minutes,
                                   create_gloo_process_groups=backend != "gloo")
+    _MEGATRON_GROUPS[:] = [g for g in _live_groups() if all(g is not b for b in before)]
     _INFO = ParallelInfo(
         rank=dist.get_rank(), world_size=dist.get_world_size(), local_rank=launch.local_rank,
         tp_rank=mps.get_tensor_model_parallel_rank(), tp_size=mps.get_tensor_model_parallel_world_size(),
@@ -98,6 +102,27 @@ def initialize(tensor: int = 1, pipeline: int = 1, backend: str = "auto", seed: 
         backend=backend, device=device)
     seed_everything(seed)
     return _INFO
+
+
+def _live_groups() -> list:
+    from torch.distributed import distributed_c10d
+
+    return list(distributed_c10d._world.pg_map) if dist.is_initialized() else []
+
+
+def _destroy_megatron_groups() -> None:
+    """Destroy the groups megatron-core made in :func:`initialize`.
+
+    megatron's ``destroy_model_parallel`` only drops its references; torch keeps every group alive, each
+    with its own threads (gloo: a TCP loop and two run loops per group, about 17 groups per layout).
+    A process that builds one layout after another (the conversion tool's tests, a reshard in-process)
+    ended with 800+ threads per rank whose wake-ups took most of a 2-core machine.
+    """
+    alive = _live_groups()
+    for group in _MEGATRON_GROUPS:
+        if any(group is g for g in alive):
+            dist.destroy_process_group(group)
+    _MEGATRON_GROUPS.clear()
 
 
 def seed_everything(seed: int, per_stage: bool = True) -> None:
@@ -129,6 +154,7 @@ def destroy(keep_process_group: bool = False) -> None:
     from megatron.core import parallel_state as mps
 
     mps.destroy_model_parallel()
+    _destroy_megatron_groups()
     if keep_process_group:
         _INFO = None
         return

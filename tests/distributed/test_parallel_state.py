@@ -101,3 +101,29 @@ def _transformer_block(rank, world_size):
 def test_megatron_transformer_block_tp2_on_cpu():
     for shape, finite, xgrad in run_ranks(_transformer_block, world_size=2, timeout=240):
         assert shape == (6, 2, 32) and finite and xgrad > 0
+
+
+def _layouts_one_after_another(rank, world_size):
+    import os
+
+    from torch.distributed import distributed_c10d
+
+    from heptapod_ds.distributed import parallel_state
+
+    threads = []
+    for tensor in (2, 1, 2):
+        parallel_state.initialize(tensor=tensor, backend="gloo")
+        made = len(distributed_c10d._world.pg_map) - 1  # beside the default group
+        parallel_state.destroy(keep_process_group=True)
+        threads.append(len(os.listdir("/proc/self/task")))
+    parallel_state.destroy()
+    return made, threads
+
+
+@pytest.mark.slow
+def test_building_layout_after_layout_does_not_leak_groups_or_threads():
+    """megatron's destroy_model_parallel only forgets its groups; ours destroys them, so a process that builds
+    one layout after another (the converter's tests) keeps a constant number of gloo threads."""
+    for made, threads in run_ranks(_layouts_one_after_another, world_size=2, timeout=240):
+        assert made >= 5, made
+        assert threads[0] == threads[1] == threads[2], threads
