@@ -10,13 +10,17 @@ comes after the schedule, before any gradient leaves the rank: a non-finite loss
 any stage drops every rank's local gradients (inside ``coalesce_grad_reduction`` nothing has been
 reduced yet), and parameters, optimizer state, LR schedule and EMA stay as they were.
 
-Gradient reduction under PP: ZeRO-1/2 run the schedule inside ``engine.coalesce_grad_reduction()`` (the
-gradients of all micro-batches accumulate locally and are reduced once on leaving it); ZeRO-0 has no
-such hook, so the step calls ``engine.allreduce_gradients()`` itself. The loss of each micro-batch is
-divided by the number of micro-batches by the schedule, and DeepSpeed sees one "micro-batch" per
-schedule (``gradient_accumulation_steps=1``, see ``ds_config.resolve``), so every ``engine.step()``
-is an optimizer step. The gradient norm DeepSpeed clips with is global: its model-parallel group is
-TP x PP (``parallel_state.MegatronMPU``).
+Gradient reduction under PP, once per optimizer step whatever the precision: ZeRO-1/2 (fp32, and bf16 with
+DeepSpeed's default bf16 gradients) run the schedule inside ``engine.coalesce_grad_reduction()`` (the
+gradients of all micro-batches accumulate locally and are reduced once on leaving it). ZeRO-0 (fp32: the
+torch optimizer; bf16: DeepSpeed's ``FP16_UnfusedOptimizer`` holding the fp32 master) and DeepSpeed's
+``BF16_Optimizer`` (ZeRO-1 with ``data_types.grad_accum_dtype=fp32``) have no such hook: the schedule's
+backward passes accumulate into ``param.grad`` (``BF16_Optimizer``: into its fp32 buffers through the hooks
+of ``bf16.immediate_grad_update``), and the step reduces them itself with ``engine.allreduce_gradients()``
+after the schedule. The loss of each micro-batch is divided by the number of micro-batches by the schedule,
+and DeepSpeed sees one "micro-batch" per schedule (``gradient_accumulation_steps=1``, see
+``ds_config.resolve``), so every ``engine.step()`` is an optimizer step. The gradient norm DeepSpeed clips
+with is global: its model-parallel group is TP x PP (``parallel_state.MegatronMPU``).
 """
 from __future__ import annotations
 
@@ -89,20 +93,52 @@ def _sequential_step(engine, micro_batches, loss_fn, nonfinite, ema) -> StepResu
 # ---------------------------------------------------------------------------------------- PP > 1
 
 def check_pipeline_engine(engine) -> None:
-    """Refuse, at build time, a DeepSpeed engine whose gradients this module cannot step under PP."""
+    """Refuse, at build time, a DeepSpeed engine whose gradients this module cannot step under PP.
+
+    What DeepSpeed 0.19.8 builds, and how :func:`_pipeline_step` reduces it once per optimizer step:
+
+    - ZeRO-1/2, fp32 or bf16 with bf16 gradient accumulation (the default): ``DeepSpeedZeroOptimizer``;
+      the schedule runs inside ``coalesce_grad_reduction()``.
+    - ZeRO-1, bf16 with ``data_types.grad_accum_dtype=fp32`` in the JSON: ``BF16_Optimizer``, which has no
+      coalescing hook. With ``bf16.immediate_grad_update`` its hooks add each micro-batch's gradient into
+      the fp32 buffers as the schedule's backward produces it (fp32 accumulation, as at PP = 1), and the
+      step reduces those buffers itself. Without it, the buffers are filled only from ``engine.backward``,
+      which the schedule does not call: refused.
+    - ZeRO-0 fp32: the torch optimizer; ZeRO-0 bf16: ``FP16_UnfusedOptimizer`` in bf16 (fp32 master, bf16
+      gradients); the step reduces the accumulated gradients itself.
+    """
     stage = engine.zero_optimization_stage()
+    name = type(engine.optimizer).__name__
     if stage == 3:
         raise ValueError("ZeRO-3 with pipeline parallelism deadlocks (parameters are gathered inside each "
                          "forward); use parallel.zero_stage=2, 1 or 0.")
-    if stage in (1, 2) and not hasattr(engine.optimizer, "_coalesce_grad_reduction"):
-        raise ValueError(f"pipeline parallelism with ZeRO-{stage}: DeepSpeed wrapped the optimizer in "
-                         f"{type(engine.optimizer).__name__} (bf16 with ZeRO-1 does this), which cannot coalesce "
-                         f"gradient reduction over the schedule's micro-batches; use parallel.zero_stage=2, or "
+    if _is_bf16_optimizer(engine) and not engine.optimizer.immediate_grad_update:
+        raise ValueError(f"pipeline parallelism with DeepSpeed's BF16_Optimizer (ZeRO-{stage}, data_types."
+                         f"grad_accum_dtype=fp32) needs \"bf16\": {{\"immediate_grad_update\": true}} in the DeepSpeed "
+                         f"JSON: the schedule's backward passes reach its fp32 gradient buffers only through the "
+                         f"hooks that setting installs.")
+    if stage in (1, 2) and not (hasattr(engine.optimizer, "_coalesce_grad_reduction") or _is_bf16_optimizer(engine)):
+        raise ValueError(f"pipeline parallelism with ZeRO-{stage}: DeepSpeed wrapped the optimizer in {name}, "
+                         f"whose gradient reduction this step cannot drive over the schedule's micro-batches; use "
+                         f"the ds_configs/zero{stage}.json defaults (no \"data_types\" section), or "
                          f"parallel.precision=fp32.")
-    if stage == 0 and not isinstance(engine.optimizer, torch.optim.Optimizer):
-        raise ValueError(f"pipeline parallelism with ZeRO-0 needs a plain fp32 optimizer, DeepSpeed made a "
-                         f"{type(engine.optimizer).__name__}; use parallel.zero_stage=1 or 2 (bf16), or "
+    if stage == 0 and not (isinstance(engine.optimizer, torch.optim.Optimizer) or _is_bf16_unfused(engine)):
+        raise ValueError(f"pipeline parallelism with ZeRO-0 needs a plain fp32 optimizer or DeepSpeed's bf16 "
+                         f"FP16_UnfusedOptimizer, DeepSpeed made a {name}; use parallel.zero_stage=1 or 2, or "
                          f"parallel.precision=fp32.")
+
+
+def _is_bf16_optimizer(engine) -> bool:
+    from deepspeed.runtime.bf16_optimizer import BF16_Optimizer
+
+    return isinstance(engine.optimizer, BF16_Optimizer)
+
+
+def _is_bf16_unfused(engine) -> bool:
+    from deepspeed.runtime.fp16.unfused_optimizer import FP16_UnfusedOptimizer
+
+    return (isinstance(engine.optimizer, FP16_UnfusedOptimizer)
+            and engine.optimizer.low_precision_dtype == torch.bfloat16)
 
 
 def _pipeline_step(engine, micro_batches, loss_fn, nonfinite, ema) -> StepResult:
@@ -128,7 +164,8 @@ def _pipeline_step(engine, micro_batches, loss_fn, nonfinite, ema) -> StepResult
         return out, reduce
 
     first = micro_batches[0]
-    coalesce = engine.coalesce_grad_reduction() if stage in (1, 2) else contextlib.nullcontext()
+    coalesced = stage in (1, 2) and hasattr(engine.optimizer, "_coalesce_grad_reduction")
+    coalesce = engine.coalesce_grad_reduction() if coalesced else contextlib.nullcontext()
     with coalesce:
         with cpu_compat.cuda_factories_on_cpu():
             get_forward_backward_func()(
@@ -144,9 +181,10 @@ def _pipeline_step(engine, micro_batches, loss_fn, nonfinite, ema) -> StepResult
         nonfinite.record(False)
         return StepResult(loss=math.nan, skipped=True, lr=lr, grad_norm=None)
     pre_step_norm = None
-    if stage == 0:
-        engine.allreduce_gradients()
-        pre_step_norm = _zero0_grad_norm(engine)
+    if not coalesced:
+        engine.allreduce_gradients()  # one reduction over the data-parallel group per optimizer step
+        if stage == 0:
+            pre_step_norm = _zero0_grad_norm(engine)
     engine.step()
     nonfinite.record(True)
     if ema is not None:
@@ -177,6 +215,8 @@ def _drop_local_gradients(engine) -> None:
         p.grad = None
         if hasattr(p, "grad_accum"):
             p.grad_accum = None
+    if _is_bf16_optimizer(engine):
+        engine.optimizer.clear_hp_grads()  # what immediate_grad_update already moved to fp32
 
 
 # ---------------------------------------------------------------------------------------- shared

@@ -119,3 +119,50 @@ def max_relative_difference(a, b):
         if err > worst:
             worst, name = err, k
     return worst, name
+
+
+def train_resumable(overrides, steps: int, sigterm_rank_after=None):
+    """:func:`train` with checkpoints, EMA and the preemption guard, as train.py runs them.
+
+    ``sigterm_rank_after=(rank, step)``: that rank sends itself SIGTERM after that step; every rank then
+    saves and stops. A later call on the same ``run_dir`` (``checkpoint.resume=auto``) continues from the
+    checkpoint. Batches depend only on the step, so the resumed run sees what the uninterrupted one saw.
+    """
+    import signal
+
+    from heptapod_ds.config import load_config
+    from heptapod_ds.distributed import get_info
+    from heptapod_ds.engine import EMA, CheckpointManager, NonFiniteGuard, PreemptionGuard, build_engine, train_step
+    from heptapod_ds.model import build_model
+
+    cfg = load_config(overrides=list(overrides), world_size=int(os.environ.get("WORLD_SIZE", "1")))
+    info = get_info()
+    engine, _, _ = build_engine(cfg, lambda: build_model(cfg))
+    ema = EMA(engine, cfg.train.ema_decay) if cfg.train.ema_decay > 0 else None
+    ckpt, nf, guard = CheckpointManager(cfg), NonFiniteGuard(cfg.train.max_nonfinite), PreemptionGuard()
+    state = ckpt.load(engine, ema=ema)
+    step, losses = (state["step"], dict(state["losses"])) if state is not None else (0, {})
+    stopped_by = None
+
+    def loss_fn(model, mb):
+        tokens, labels, seeds = mb
+        return model(tokens, labels, sample_seeds=seeds)[0]
+    while step < steps:
+        result = train_step(engine, micro_batches(cfg, step, info), loss_fn, nf, ema, pipeline=info.pp_size > 1)
+        losses[step] = result.loss
+        step += 1
+        if sigterm_rank_after is not None and (info.rank, step) == tuple(sigterm_rank_after):
+            os.kill(os.getpid(), signal.SIGTERM)
+        stop = guard.should_stop()
+        if stop or step == steps:
+            ckpt.save(engine, step, {"step": step, "losses": losses, "nonfinite": nf.state_dict()}, ema=ema)
+        if stop:
+            stopped_by = guard.signal_name
+            break
+    guard.close()
+    out = {"losses": losses, "step": step, "stopped_by": stopped_by, "params": full_params(engine.module),
+           "pp_rank": info.pp_rank}
+    if ema is not None:
+        ema.sync()
+        out["ema"] = {n: s.clone() for n, s in zip(ema.names, ema.shadow)}
+    return out
