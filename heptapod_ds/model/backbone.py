@@ -83,7 +83,10 @@ class CausalBackbone(nn.Module):
             parts.append(self.class_embed(labels)[:, None])
         first = max(start, 1)
         if first <= n:
-            parts.append(self.token_embed(tokens[:, first - 1:n]))
+            given = tokens[:, first - 1:n]
+            if given.is_floating_point():  # fp32 latents into a bf16 model (DeepSpeed casts the weights only)
+                given = given.to(self.token_embed.weight.dtype)
+            parts.append(self.token_embed(given))
         h = torch.cat(parts, dim=1) if len(parts) > 1 else parts[0]
         length = h.shape[1]
         rotary = None

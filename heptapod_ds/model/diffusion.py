@@ -83,8 +83,10 @@ class DenoiserMLP(nn.Module):
         nn.init.zeros_(self.output.bias)
 
     def forward(self, x: torch.Tensor, t: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
-        c = self.time_embed(timestep_embedding(t, self.freq_dim)) + self.cond_embed(z)
-        h = self.input_proj(x)
+        """In the weights' dtype (bf16 under DeepSpeed's bf16, which casts weights, not inputs)."""
+        dtype = self.input_proj.weight.dtype
+        c = self.time_embed(timestep_embedding(t, self.freq_dim).to(dtype)) + self.cond_embed(z.to(dtype))
+        h = self.input_proj(x.to(dtype))
         for blk in self.blocks:
             h = blk(h, c)
         shift, scale = self.final_modulation(c).chunk(2, dim=-1)
@@ -99,7 +101,13 @@ class DiffusionLoss(nn.Module):
         self.train_steps = train_steps
         self.batch_mul = batch_mul
         self.net = DenoiserMLP(channels, cond_dim, width, depth)
-        self.register_buffer("alphas_cumprod", cosine_alphas_cumprod(train_steps), persistent=False)
+        # float64 on the host, not a buffer: a bf16 model (DeepSpeed casts every floating buffer) would
+        # otherwise hold 1 - alpha_bar to bf16's 3 digits and divide by zero near t = 0 when sampling
+        self._alphas_cumprod = cosine_alphas_cumprod(train_steps)
+
+    @property
+    def alphas_cumprod(self) -> torch.Tensor:
+        return self._alphas_cumprod
 
     def forward(self, target: torch.Tensor, z: torch.Tensor, counts: torch.Tensor,
                 generators: Sequence[Optional[torch.Generator]]) -> torch.Tensor:
@@ -113,14 +121,15 @@ class DiffusionLoss(nn.Module):
         for gen, count in zip(generators, counts.tolist()):
             times.append(torch.randint(0, self.train_steps, (count * mul,), generator=gen))
             noises.append(torch.randn(count * mul, self.channels, generator=gen))
+        dtype = torch.promote_types(target.dtype, torch.float32)  # fp32 noising even in a bf16 run
         t = torch.cat(times).to(target.device)
-        noise = torch.cat(noises).to(device=target.device, dtype=target.dtype)
+        noise = torch.cat(noises).to(device=target.device, dtype=dtype)
         # rows of image i, draw r sit at [offset_i + r * count_i + k]: repeat per image, draw-major
         idx = _repeat_index(counts, mul).to(target.device)
-        x0, cond = target[idx], z[idx]
-        abar = self.alphas_cumprod[t].to(target.dtype)[:, None]
+        x0, cond = target[idx].to(dtype), z[idx]
+        abar = self.alphas_cumprod.to(target.device)[t].to(dtype)[:, None]
         xt = abar.sqrt() * x0 + (1 - abar).sqrt() * noise
-        err = (self.net(xt, t, cond) - noise).pow(2).mean(dim=-1)           # [S * mul]
+        err = (self.net(xt, t, cond).float() - noise.float()).pow(2).mean(dim=-1)  # [S * mul], fp32 in bf16 runs
         per_target = torch.zeros(target.shape[0], dtype=err.dtype, device=err.device)
         per_target.index_add_(0, idx, err)
         return per_target / mul
@@ -131,7 +140,8 @@ class DiffusionLoss(nn.Module):
         """Draw one token per row of ``z`` [B, D] with DDPM over ``num_steps`` respaced levels.
 
         All noise of row i (start and every step) comes from ``generators[i]``, so a row's draw does
-        not depend on its batch-mates.
+        not depend on its batch-mates. The chain runs in fp32 whatever the weights' dtype; only the
+        denoiser's own arithmetic is in bf16 in a bf16 model.
         """
         if not 1 <= num_steps <= self.train_steps:
             raise ValueError(f"num_steps={num_steps} must be in [1, {self.train_steps}] "
@@ -146,12 +156,12 @@ class DiffusionLoss(nn.Module):
         def noise() -> torch.Tensor:
             rows = [torch.randn(self.channels, generator=g) for g in generators]
             out = torch.stack(rows) if rows else torch.zeros(0, self.channels)
-            return out.to(device=z.device, dtype=z.dtype)
+            return out.to(device=z.device, dtype=torch.float32)
 
         x = noise()
         for i in reversed(range(num_steps)):
             t = torch.full((z.shape[0],), int(levels[i]), dtype=torch.long, device=z.device)
-            eps = self.net(x, t, z)
+            eps = self.net(x, t, z).float()
             a, ap, b = abar[i].item(), abar_prev[i].item(), betas[i].item()
             x0 = (x - math.sqrt(1 - a) * eps) / math.sqrt(a)
             mean = (b * math.sqrt(ap) / (1 - a)) * x0 + ((1 - ap) * math.sqrt(1 - b) / (1 - a)) * x

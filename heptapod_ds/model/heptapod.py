@@ -103,7 +103,7 @@ class HeptapodModel(nn.Module):
             z = features.transpose(0, 1)[plan.rows, plan.slots]
         target = tokens[plan.sample, plan.slots - 1]
         if self.discrete:
-            per_target = nn.functional.cross_entropy(self.output(z), target, reduction="none")
+            per_target = nn.functional.cross_entropy(self.output(z).float(), target, reduction="none")
         else:
             per_target = self.output(target, z, plan.counts, draws.generators)
         weight = 1.0 / (plan.counts.to(per_target.dtype)[plan.sample] * batch)
