@@ -21,7 +21,7 @@ import json
 import logging
 import pathlib
 import time
-from typing import Any, Dict, List, Optional, Tuple
+from typing import Any, Dict, Iterator, List, Mapping, Optional, Tuple
 
 import torch
 
@@ -123,8 +123,41 @@ def one_process_config(cfg):
     return validate(cfg, world_size=1)
 
 
-def load_release(path, verify: bool = False) -> Tuple[Any, Dict[str, torch.Tensor]]:
-    """``(cfg, state_dict)`` of a release: full tensors under canonical names, in the stored dtype."""
+class StreamedWeights(Mapping):
+    """A release's tensors read one at a time from the memory-mapped ``model.safetensors`` (``safe_open``),
+    as fp32: a conversion holds one parameter of it at a time, never the whole file. The last tensor read
+    is kept, since a writer asks for the same parameter once per TP rank and file in a row."""
+
+    def __init__(self, path: pathlib.Path):
+        from safetensors import safe_open
+
+        self.path = path
+        self._file = safe_open(str(path), framework="pt")
+        self._names = list(self._file.keys())
+        self._known = set(self._names)
+        self._last: Tuple[Optional[str], Optional[torch.Tensor]] = (None, None)
+
+    def __getitem__(self, name: str) -> torch.Tensor:
+        if name not in self._known:
+            raise KeyError(name)
+        if self._last[0] != name:
+            t = self._file.get_tensor(name)
+            self._last = (name, t if t.dtype == torch.float32 else t.float())
+        return self._last[1]
+
+    def shape(self, name: str) -> Tuple[int, ...]:
+        return tuple(self._file.get_slice(name).get_shape())
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._names)
+
+    def __len__(self) -> int:
+        return len(self._names)
+
+
+def load_release(path, verify: bool = False, stream: bool = False) -> Tuple[Any, Mapping]:
+    """``(cfg, state_dict)`` of a release: full tensors under canonical names, in the stored dtype; with
+    ``stream``, a :class:`StreamedWeights` (fp32, read on access) instead of a dict in memory."""
     from safetensors import SafetensorError
     from safetensors.torch import load_file
 
@@ -138,7 +171,7 @@ def load_release(path, verify: bool = False) -> Tuple[Any, Dict[str, torch.Tenso
     if not weights.is_file():
         raise ReleaseError(f"{weights} is missing.")
     try:
-        state = load_file(str(weights))
+        state = StreamedWeights(weights) if stream else load_file(str(weights))
     except (SafetensorError, OSError, ValueError) as e:
         raise ReleaseError(f"cannot read {weights}: {e} (truncated or not a safetensors file).") from None
     return cfg, state

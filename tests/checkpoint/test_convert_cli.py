@@ -56,19 +56,34 @@ def _copy_run(made, name):
     return dst, dst / "checkpoints" / "global_step0"
 
 
-@pytest.mark.parametrize("tp,zero", [(1, 0), (2, 0), (1, 1), (2, 2), (1, 3)])
-def test_every_layout_round_trips_bit_exactly(made, tp, zero):
+@pytest.mark.parametrize("tp,zero,pp", [(1, 0, 1), (2, 0, 1), (1, 1, 1), (2, 2, 1), (1, 3, 1), (2, 1, 2),
+                                        (1, 0, 3)])
+def test_every_layout_round_trips_bit_exactly(made, tp, zero, pp):
     tmp, tensors = made
-    run, out = tmp / f"rs{tp}{zero}", tmp / f"rel{tp}{zero}"
+    run, out = tmp / f"rs{tp}{zero}{pp}", tmp / f"rel{tp}{zero}{pp}"
     assert main(["reshard", "--ckpt", str(tmp / "run"), "--out", str(run), "--tensor", str(tp), "--dp", "2",
-                 "--zero", str(zero)]) == 0
+                 "--zero", str(zero), "--pipeline", str(pp)]) == 0
+    if pp > 1:  # the stages' folders hold disjoint parts; back to PP=1 from there
+        tag = run / "checkpoints" / "global_step0"
+        assert sorted(d.name for d in tag.iterdir() if d.is_dir()) == [f"pp_stage{k:02d}" for k in range(pp)]
+        meta = json.loads((tag / "heptapod_meta.json").read_text())
+        assert meta["layout"]["pipeline"] == pp and len(meta["layout"]["pipeline_split"]) == pp
+        assert len(list(tag.glob("heptapod_rank*.pt"))) == tp * pp * 2
+        back = tmp / f"rs{tp}{zero}{pp}_pp1"
+        assert main(["reshard", "--ckpt", str(run), "--out", str(back), "--tensor", "1", "--dp", "1",
+                     "--zero", "0"]) == 0
+        assert main(["to-release", "--ckpt", str(back), "--out", str(tmp / f"relback{tp}{zero}"),
+                     "--weights", "ema"]) == 0
+        got = _release(tmp / f"relback{tp}{zero}")
+        assert got.keys() == tensors.keys() and all(torch.equal(got[k], tensors[k]) for k in tensors)
     from heptapod_ds.engine.integrity import verify_checkpoint
     assert verify_checkpoint(run / "checkpoints" / "global_step0", strict=True) == []  # every file hashed
     assert main(["to-release", "--ckpt", str(run), "--out", str(out), "--weights", "raw"]) == 0
     got = _release(out)
     assert got.keys() == tensors.keys() and all(torch.equal(got[k], tensors[k]) for k in tensors)
-    assert main(["to-release", "--ckpt", str(run), "--out", str(tmp / f"relb{tp}{zero}"), "--dtype", "bf16"]) == 0
-    assert all(v.dtype == torch.bfloat16 for v in _release(tmp / f"relb{tp}{zero}").values())
+    assert main(["to-release", "--ckpt", str(run), "--out", str(tmp / f"relb{tp}{zero}{pp}"), "--dtype",
+                 "bf16"]) == 0
+    assert all(v.dtype == torch.bfloat16 for v in _release(tmp / f"relb{tp}{zero}{pp}").values())
 
 
 def test_inspect_and_verify(made, capsys):
@@ -156,8 +171,14 @@ def test_altered_release_is_named(made, capsys):
     assert "model.safetensors" in capsys.readouterr().out
 
 
-def test_every_command_has_help():
-    for cmd in ([], ["to-release"], ["reshard"], ["from-release"], ["inspect"], ["verify"]):
-        proc = subprocess.run([sys.executable, os.path.join(REPO, "tools", "convert_ckpt.py"), *cmd, "--help"],
-                              capture_output=True, text=True, timeout=120, cwd=REPO)
-        assert proc.returncode == 0 and "usage:" in proc.stdout, proc.stderr
+def test_every_command_has_help(capsys):
+    # the script itself once (a process costs seconds of imports); each sub-command through its parser
+    proc = subprocess.run([sys.executable, os.path.join(REPO, "tools", "convert_ckpt.py"), "--help"],
+                          capture_output=True, text=True, timeout=120, cwd=REPO)
+    assert proc.returncode == 0 and "usage:" in proc.stdout and "from-release" in proc.stdout, proc.stderr
+    for cmd in ("to-release", "reshard", "from-release", "inspect", "verify"):
+        with pytest.raises(SystemExit) as exit_:
+            main([cmd, "--help"])
+        assert exit_.value.code == 0
+        out = capsys.readouterr().out
+        assert out.startswith("usage:") and cmd in out
