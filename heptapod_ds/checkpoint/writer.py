@@ -34,7 +34,7 @@ from heptapod_ds.engine import integrity
 from heptapod_ds.engine.checkpoint import META
 
 from . import zero_layout as zl
-from .names import ParamSpec, group_order
+from .names import ParamSpec, from_canonical, group_order, te_extra_state_names, te_parameter_order
 
 log = logging.getLogger(__name__)
 
@@ -61,14 +61,17 @@ class TrainingState:
     source: Dict[str, Any] = field(default_factory=dict)
 
 
-def target_config(cfg, tensor: int, pipeline: int, dp: int, zero: int):
-    """``cfg`` for the new layout: same model and global batch; micro batch / accumulation refitted."""
+def target_config(cfg, tensor: int, pipeline: int, dp: int, zero: int, layer_impl: Optional[str] = None):
+    """``cfg`` for the new layout: same model and global batch; micro batch / accumulation refitted;
+    ``layer_impl`` (local / transformer_engine) replaces ``backbone.transformer_impl`` when given."""
     import copy
 
     from heptapod_ds.config.loader import validate
 
     new = copy.deepcopy(cfg)
     new.parallel.tensor, new.parallel.pipeline, new.parallel.zero_stage = tensor, pipeline, zero
+    if layer_impl is not None:
+        new.backbone.transformer_impl = layer_impl
     if pipeline != cfg.parallel.pipeline:
         new.parallel.pipeline_split = "auto"  # an explicit split of the source's stage count cannot apply
     new.parallel.world_size = tensor * pipeline * dp
@@ -123,6 +126,18 @@ def fresh_scheduler_state(cfg, n_groups: int) -> Dict[str, Any]:
     return build_scheduler(opt, cfg).state_dict()
 
 
+def target_layer_impl(cfg):
+    """(layer implementation, core attention) whose names the written checkpoint uses: the target
+    config's ``backbone.transformer_impl``, with ``auto`` resolved on this machine (TransformerEngine
+    when it imports here); ``--layer-impl`` sets it for another machine."""
+    from heptapod_ds.model.layers import resolve_attention, transformer_engine_available
+
+    impl = cfg.backbone.transformer_impl
+    if impl == "auto":
+        impl = "transformer_engine" if transformer_engine_available() else "local"
+    return impl, resolve_attention(cfg.backbone.attention, impl)
+
+
 class LayoutWriter:
     """Writes ``global_step{N}/`` for one target layout into a (staging) checkpoints folder."""
 
@@ -145,6 +160,7 @@ class LayoutWriter:
         self.progress = progress
         self._tensors: Dict[str, Optional[Dict[str, torch.Tensor]]] = {}
         self._stage_cache: Dict[int, Any] = {}
+        self.impl, self.attention = target_layer_impl(cfg)
         by_name = {s.name: s for s in state.specs}
         self._by_name = by_name
         self._sched_src = state.scheduler or fresh_scheduler_state(state.cfg, len(group_order(state.specs)))
@@ -233,9 +249,15 @@ class LayoutWriter:
                 "checkpoint_parallel_dimensions": {"pp_degree": self.pp, "tp_degree": self.tp},
                 "ds_config": self.ds, "ds_version": self.ds_version, "heptapod_step": int(s.step)}
 
+    def _name(self, canonical: str) -> str:
+        """The name the target layer implementation gives canonical parameter ``canonical``."""
+        return from_canonical(canonical, self.impl)
+
     def _stage_model(self, p: int):
-        """(non-parameter state dict entries, parameter names in module order, the module) of stage ``p``
-        (the whole model at PP=1), built on the ``meta`` device as the trainer builds it."""
+        """(non-parameter state dict entries, canonical parameter names in the target model's order, the
+        state dict's keys as (target key, canonical name or None)) of stage ``p`` (the whole model at
+        PP=1), read off the local-spec model built on the ``meta`` device as the trainer builds it; for a
+        TransformerEngine target, renamed and reordered as :mod:`.names` says a TE model has them."""
         if p not in self._stage_cache:
             from heptapod_ds.model.heptapod import HeptapodModel
             with torch.device("meta"):
@@ -254,24 +276,30 @@ class LayoutWriter:
                                               f"does not know its value (extend "
                                               f"heptapod_ds/checkpoint/writer.py).")
                 extras[k] = v
-            self._stage_cache[p] = (extras, [n for n, _ in model.named_parameters()], model)
+            order = [n for n, _ in model.named_parameters()]
+            if self.impl == "transformer_engine":
+                order = te_parameter_order(order)
+                for k in te_extra_state_names(order, self.attention):
+                    extras[k] = None  # TE's set_extra_state takes None as "no FP8 state"
+            keys = [(self._name(n), n) for n in order] + [(k, None) for k in extras]
+            self._stage_cache[p] = (extras, order, keys)
         return self._stage_cache[p]
 
     def _module(self, tp_rank: int, placeholders: bool) -> "OrderedDict[str, Any]":
-        extras, order, model = self._stage_model(self.stage)
-        by_name = self._by_name
+        extras, _, keys = self._stage_model(self.stage)
         module = OrderedDict()
-        for k in model.state_dict().keys():
-            if k in extras:
-                module[k] = extras[k]
+        for key, canonical in keys:
+            if canonical is None:
+                module[key] = extras[key]
             elif placeholders:
-                module[k] = torch.empty(0)
+                module[key] = torch.empty(0)
             else:
-                module[k] = self._owned("fp32", by_name[k], tp_rank)
+                module[key] = self._owned("fp32", self._by_name[canonical], tp_rank)
         return module
 
     def _param_shapes(self, sub_groups: List[List[ParamSpec]]):
-        return [OrderedDict((s.name, torch.Size(s.local_shape(self.tp))) for s in g) for g in sub_groups]
+        return [OrderedDict((self._name(s.name), torch.Size(s.local_shape(self.tp))) for s in g)
+                for g in sub_groups]
 
     def _loss_scaler(self):
         from deepspeed.runtime.fp16.loss_scaler import LossScaler
@@ -337,7 +365,7 @@ class LayoutWriter:
                 for spec, n in zip(specs, numels[gi]):
                     lo, hi = max(start, offset), min(start + length, offset + n)
                     if lo < hi:
-                        mapping[spec.name] = fragment_address(numel=hi - lo, start=lo - start)
+                        mapping[self._name(spec.name)] = fragment_address(numel=hi - lo, start=lo - start)
                     offset += n
                 mappings.append(mapping)
             osd = {"loss_scaler": self._loss_scaler(), "dynamic_loss_scale": False, "overflow": False,
@@ -404,7 +432,7 @@ class LayoutWriter:
             else:
                 shadow.append(self._owned("ema", spec, r))
         return {"decay": float(self.s.ema["decay"]), "num_updates": int(self.s.ema["num_updates"]),
-                "partitioned": partitioned, "names": list(order), "shadow": shadow}
+                "partitioned": partitioned, "names": [self._name(n) for n in order], "shadow": shadow}
 
     def _rank_files(self) -> None:
         """``heptapod_rank*.pt`` of the ranks of the current stage."""

@@ -20,6 +20,11 @@ def _layout_args(p) -> None:
     p.add_argument("--dp", type=int, required=True, help="data-parallel size of the new layout")
     p.add_argument("--zero", type=int, required=True, choices=(0, 1, 2, 3), help="ZeRO stage of the new "
                                                                                  "layout")
+    p.add_argument("--layer-impl", choices=("local", "transformer_engine"), default=None,
+                   help="layer implementation whose parameter names the checkpoint uses (TransformerEngine "
+                        "fuses the LayerNorms into the next linear); default: the config's "
+                        "backbone.transformer_impl, auto meaning TransformerEngine when it imports here. Sets "
+                        "backbone.transformer_impl of the written config.")
     p.add_argument("--force", action="store_true", help="replace an existing --out run of the same model")
 
 
@@ -112,7 +117,7 @@ def cmd_reshard(args) -> int:
     t0 = time.perf_counter()
     ensure_local_world()
     src = TrainingCheckpoint(args.ckpt)
-    tcfg = target_config(src.cfg, args.tensor, args.pipeline, args.dp, args.zero)
+    tcfg = target_config(src.cfg, args.tensor, args.pipeline, args.dp, args.zero, args.layer_impl)
     check_out_run(out, src.cfg, args.force)
     check_free(out, args.force)
     log.info("reshard: %s (step %d, layout %s) -> %s with tensor=%d pipeline=%d dp=%d zero=%d", src.dir,
@@ -195,7 +200,7 @@ def cmd_from_release(args) -> int:
     if problems:
         raise ValueError("release is damaged:\n  - " + "\n  - ".join(problems))
     cfg, weights = load_release(args.release, stream=True)  # read tensor by tensor, memory-mapped
-    tcfg = target_config(cfg, args.tensor, args.pipeline, args.dp, args.zero)
+    tcfg = target_config(cfg, args.tensor, args.pipeline, args.dp, args.zero, args.layer_impl)
     check_out_run(out, cfg, args.force)
     check_free(out, args.force)
     ensure_local_world()

@@ -182,3 +182,44 @@ def test_every_command_has_help(capsys):
         assert exit_.value.code == 0
         out = capsys.readouterr().out
         assert out.startswith("usage:") and cmd in out
+
+
+@pytest.mark.parametrize("zero,pp", [(0, 1), (2, 2), (3, 1)])
+def test_transformer_engine_names_round_trip(made, zero, pp):
+    """Written under TE names (the LayerNorms fused into the next linear, TE's parameter order, its
+    attention's extra state) and read back: the same tensors; the names are exactly those names.py maps
+    a TE model's to."""
+    from heptapod_ds.checkpoint.names import from_canonical, model_spec, te_parameter_order, to_canonical
+    from heptapod_ds.config import load_config
+    from heptapod_ds.engine import safe_load
+
+    tmp, tensors = made
+    run, out = tmp / f"te{zero}{pp}", tmp / f"relte{zero}{pp}"
+    assert main(["reshard", "--ckpt", str(tmp / "run"), "--out", str(run), "--tensor", "2", "--dp", "1",
+                 "--zero", str(zero), "--pipeline", str(pp), "--layer-impl", "transformer_engine"]) == 0
+    tag = run / "checkpoints" / "global_step0"
+    meta = json.loads((tag / "heptapod_meta.json").read_text())
+    assert meta["config"]["backbone"]["transformer_impl"] == "transformer_engine"
+    specs = model_spec(load_config(overrides=SMALL, world_size=1))
+    group = {from_canonical(s.name, "transformer_engine"): s.group for s in specs}
+    te_order = [from_canonical(n, "transformer_engine") for n in te_parameter_order([s.name for s in specs])]
+    assert not any(n.endswith(("input_layernorm.weight", "pre_mlp_layernorm.bias")) for n in te_order)
+    assert "backbone.decoder.layers.0.self_attention.linear_qkv.layer_norm_weight" in te_order
+    stages = [tag] if pp == 1 else [tag / f"pp_stage{k:02d}" for k in range(pp)]
+    names, extras = [], []
+    for stage in stages:
+        model_file = "zero_pp_rank_0_mp_rank_01_model_states.pt" if zero == 3 else "mp_rank_01_model_states.pt"
+        sd = safe_load.load(stage / model_file, mmap=True)
+        keys = list(sd["module"])
+        extras += [k for k in keys if k.endswith("._extra_state")]
+        params = [k for k in keys if not k.endswith("._extra_state")]
+        if zero > 0:  # DeepSpeed's flat layout: optimizer group by group, each in the model's order
+            mine = [n for n in te_order if n in set(params)]
+            assert [n for g in sd["param_shapes"] for n in g] == sorted(mine, key=lambda n: group[n])
+        names += params
+    assert sorted(names) == sorted(te_order) and all(from_canonical(to_canonical(n), "transformer_engine") == n
+                                                     for n in names)
+    assert "backbone.decoder.layers.1.self_attention.core_attention._extra_state" in extras
+    assert main(["to-release", "--ckpt", str(run), "--out", str(out), "--weights", "ema"]) == 0
+    got = _release(out)
+    assert got.keys() == tensors.keys() and all(torch.equal(got[k], tensors[k]) for k in tensors)
