@@ -382,6 +382,7 @@ class LayoutWriter:
                    "param_slice_mappings": mappings}
             self._save_optim({"optimizer_state_dict": osd, "ds_config": self.ds,
                               "ds_version": self.ds_version}, r, d)
+            del osd, lean, state  # freed before the next rank's partition is built, not after
 
     def _zero3_sub_groups(self) -> List[List[ParamSpec]]:
         size = int(self.ds["zero_optimization"].get("sub_group_size", 1_000_000_000))
@@ -414,6 +415,7 @@ class LayoutWriter:
                    "fp32_flat_groups": flats}
             self._save_optim({"optimizer_state_dict": osd, "ds_config": self.ds,
                               "ds_version": self.ds_version}, r, d)
+            del osd, flats, state  # freed before the next rank's partition is built, not after
 
     # ------------------------------------------------------------------ ours
     def _ema_state(self, r: int, d: int) -> Optional[Dict[str, Any]]:
@@ -450,6 +452,7 @@ class LayoutWriter:
                 own = {"rng": rng, "client_state": dict(self.s.client_state), "ema": self._ema_state(r, d),
                        "rank": rank}
                 self._save(own, f"heptapod_rank{rank:05d}.pt", root=self.root)  # beside the stage folders
+                del own
 
     def _meta(self) -> None:
         from heptapod_ds.config.loader import to_dict

@@ -223,3 +223,25 @@ def test_transformer_engine_names_round_trip(made, zero, pp):
     assert main(["to-release", "--ckpt", str(run), "--out", str(out), "--weights", "ema"]) == 0
     got = _release(out)
     assert got.keys() == tensors.keys() and all(torch.equal(got[k], tensors[k]) for k in tensors)
+
+
+def test_streamed_release_reads_each_tensor_exactly(made, tmp_path):
+    """from-release reads the release tensor by tensor (fp32 and bf16 files); a cut file is named."""
+    from safetensors.torch import save_file
+
+    from heptapod_ds.checkpoint.release import ReleaseError, StreamedWeights
+
+    _, tensors = made
+    half = {k: v.to(torch.bfloat16) for k, v in list(tensors.items())[:4]}
+    for name, data in (("fp32", tensors), ("bf16", half)):
+        path = tmp_path / f"{name}.safetensors"
+        save_file(data, str(path))
+        streamed = StreamedWeights(path)
+        assert set(streamed) == set(data) and len(streamed) == len(data)
+        for k, v in data.items():
+            assert streamed.shape(k) == tuple(v.shape)
+            assert streamed[k].dtype == torch.float32 and torch.equal(streamed[k], v.float())
+    cut = tmp_path / "cut.safetensors"
+    cut.write_bytes((tmp_path / "fp32.safetensors").read_bytes()[:-100])
+    with pytest.raises(ReleaseError, match="cut.safetensors"):
+        StreamedWeights(cut)
