@@ -163,8 +163,8 @@ class StreamedWeights(Mapping):
             e = self._entries[name]
             dtype = _ST_DTYPES.get(e["dtype"])
             if dtype is None:
-                raise ReleaseError(f"{self.path}: tensor '{name}' has dtype {e['dtype']}, which a release does "
-                                   f"not hold.")
+                raise ReleaseError(f"{self.path}: tensor '{name}' has dtype {e['dtype']}, which a release "
+                                   f"does not hold.")
             begin, end = e["data_offsets"]
             raw = torch.empty(end - begin, dtype=torch.uint8)
             with open(self.path, "rb") as fh:

@@ -113,8 +113,8 @@ def scheduler_for_groups(sched: Dict[str, Any], n_groups: int, where: str) -> Di
     for key, value in sched.items():
         if isinstance(value, list) and len(value) == n_src and n_src > 0:
             if any(v != value[0] for v in value):
-                raise ValueError(f"{where}: the LR schedule's '{key}' differs between param groups ({value}); "
-                                 f"it cannot be refitted from {n_src} to {n_groups} groups.")
+                raise ValueError(f"{where}: the LR schedule's '{key}' differs between param groups "
+                                 f"({value}); it cannot be refitted from {n_src} to {n_groups} groups.")
             out[key] = [value[0]] * n_groups
     return out
 

@@ -23,8 +23,8 @@ def _layout_args(p) -> None:
     p.add_argument("--layer-impl", choices=("local", "transformer_engine"), default=None,
                    help="layer implementation whose parameter names the checkpoint uses (TransformerEngine "
                         "fuses the LayerNorms into the next linear); default: the config's "
-                        "backbone.transformer_impl, auto meaning TransformerEngine when it imports here. Sets "
-                        "backbone.transformer_impl of the written config.")
+                        "backbone.transformer_impl, auto meaning TransformerEngine when it imports here. "
+                        "Sets backbone.transformer_impl of the written config.")
     p.add_argument("--force", action="store_true", help="replace an existing --out run of the same model")
 
 

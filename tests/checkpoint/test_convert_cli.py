@@ -208,8 +208,8 @@ def test_transformer_engine_names_round_trip(made, zero, pp):
     stages = [tag] if pp == 1 else [tag / f"pp_stage{k:02d}" for k in range(pp)]
     names, extras = [], []
     for stage in stages:
-        model_file = "zero_pp_rank_0_mp_rank_01_model_states.pt" if zero == 3 else "mp_rank_01_model_states.pt"
-        sd = safe_load.load(stage / model_file, mmap=True)
+        sd = safe_load.load(stage / ("zero_pp_rank_0_mp_rank_01_model_states.pt" if zero == 3
+                                     else "mp_rank_01_model_states.pt"), mmap=True)
         keys = list(sd["module"])
         extras += [k for k in keys if k.endswith("._extra_state")]
         params = [k for k in keys if not k.endswith("._extra_state")]
@@ -217,8 +217,8 @@ def test_transformer_engine_names_round_trip(made, zero, pp):
             mine = [n for n in te_order if n in set(params)]
             assert [n for g in sd["param_shapes"] for n in g] == sorted(mine, key=lambda n: group[n])
         names += params
-    assert sorted(names) == sorted(te_order) and all(from_canonical(to_canonical(n), "transformer_engine") == n
-                                                     for n in names)
+    assert sorted(names) == sorted(te_order)
+    assert all(from_canonical(to_canonical(n), "transformer_engine") == n for n in names)
     assert "backbone.decoder.layers.1.self_attention.core_attention._extra_state" in extras
     assert main(["to-release", "--ckpt", str(run), "--out", str(out), "--weights", "ema"]) == 0
     got = _release(out)

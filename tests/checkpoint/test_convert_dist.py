@@ -106,31 +106,31 @@ def _world4(rank, world_size, tmp):
         ["to-release", "--ckpt", step3, "--out", f"{tmp}/rel_ema", "--weights", "ema"],
         ["from-release", "--release", f"{tmp}/rel_raw", "--out", f"{tmp}/FR", "--tensor", "2", "--dp", "2",
          "--zero", "3"],
-        ["from-release", "--release", f"{tmp}/rel_raw", "--out", f"{tmp}/FRP", "--tensor", "1", "--pipeline", "2",
-         "--dp", "2", "--zero", "1"]])
+        ["from-release", "--release", f"{tmp}/rel_raw", "--out", f"{tmp}/FRP", "--tensor", "1", "--pipeline",
+         "2", "--dp", "2", "--zero", "1"]])
 
     # every written layout loads in DeepSpeed and is saved again by it (PP=2: one engine per stage)
     from heptapod_ds.engine import CheckpointManager
     for name, tp, z, pp in ([(f"L{tp}{z}", tp, z, 1) for tp, z in LAYOUTS]
                             + [("FR", 2, 3, 1), ("P", 1, 1, 2), ("FRP", 1, 1, 2)]):
         _relayout(tp, pp)
-        layout = (PP2 if pp == 2 else
-                  [f"parallel.tensor={tp}", f"parallel.zero_stage={z}", f"train.micro_batch_size={8 if tp == 2 else 4}"])
+        layout = PP2 if pp == 2 else [f"parallel.tensor={tp}", f"parallel.zero_stage={z}",
+                                      f"train.micro_batch_size={8 if tp == 2 else 4}"]
         engine, ema, ckpt = _engine(_cfg(4, *layout, f"run_dir={tmp}/{name}"))
         state = ckpt.load(engine, ema=ema)
         assert state is not None, f"{name}: nothing resumed"
-        CheckpointManager(_cfg(4, *layout, f"run_dir={tmp}/{name}_ds")).save(engine, int(state["step"]), state,
-                                                                              ema=ema)
+        out = CheckpointManager(_cfg(4, *layout, f"run_dir={tmp}/{name}_ds"))
+        out.save(engine, int(state["step"]), state, ema=ema)
         del engine
 
     # resume the DP=4 ZeRO-2 reshard to step 6
     _relayout(1)
     _train(_cfg(4, "parallel.zero_stage=2", "train.micro_batch_size=4", f"run_dir={tmp}/B"))
-    # resume the PP=2 reshard to step 6, saving every step; its own step 4 goes back to PP=1 (resumed in _world2)
+    # resume the PP=2 reshard to step 6, saving every step; its own step 4 goes back to PP=1 (_world2)
     _relayout(1, 2)
     _train(_cfg(4, *PP2, "checkpoint.save_every=1", f"run_dir={tmp}/P"))
-    _on_rank0(rank, [["reshard", "--ckpt", f"{tmp}/P/checkpoints/global_step4", "--out", f"{tmp}/Q", "--tensor",
-                      "1", "--dp", "2", "--zero", "1"]])
+    _on_rank0(rank, [["reshard", "--ckpt", f"{tmp}/P/checkpoints/global_step4", "--out", f"{tmp}/Q",
+                      "--tensor", "1", "--dp", "2", "--zero", "1"]])
 
     # train.py starts from a release in another layout (TP=2 ZeRO-3 partitions filled from full tensors)
     _relayout(2)
@@ -238,8 +238,10 @@ def test_release_round_trip_through_tp2_zero3_and_pp2(runs, single_rank):
     tmp, _ = runs
     for name, what in (("FR", "TP2 ZeRO-3"), ("FRP", "PP2 ZeRO-1")):
         out = tmp / f"rel_{name}"
-        assert main(["to-release", "--ckpt", str(tmp / f"{name}_ds"), "--out", str(out), "--weights", "raw"]) == 0
-        _assert_identical(_release(out), _release(tmp / "rel_raw"), f"release -> from-release {what} -> release")
+        assert main(["to-release", "--ckpt", str(tmp / f"{name}_ds"), "--out", str(out), "--weights",
+                     "raw"]) == 0
+        _assert_identical(_release(out), _release(tmp / "rel_raw"), f"release -> from-release {what} -> "
+                                                                    f"release")
 
 
 def test_pp2_checkpoint_releases_the_same_tensors_as_pp1(runs, single_rank):
