@@ -27,6 +27,10 @@ _TE_TO_LOCAL = (
     (".mlp.linear_fc1.layer_norm_bias", ".pre_mlp_layernorm.bias"),
 )
 _EXTRA_STATE = re.compile(r"\._extra_state$")
+# ``_extra_state`` entries (FP8 metadata) of a TransformerEngine-spec layer beyond those the local spec's
+# linears keep too: TE's fused core attention, which has no local counterpart.
+_TE_ONLY_EXTRA_STATE = (".self_attention.core_attention._extra_state",)
+_LAYER = re.compile(r"^(.*\.layers\.\d+)\.self_attention\.linear_qkv\.weight$")
 
 
 def to_canonical(name: str) -> str:
@@ -45,6 +49,46 @@ def from_canonical(name: str, impl: str) -> str:
         if name.endswith(local):
             return name[: -len(local)] + te
     return name
+
+
+def te_parameter_order(names: List[str]) -> List[str]:
+    """Canonical ``names`` (in a local-spec model's ``named_parameters()`` order) in the order a TE-spec
+    model lists the same parameters.
+
+    The local spec registers ``input_layernorm`` / ``pre_mlp_layernorm`` as modules of their own before
+    the attention / MLP; TE's ``LayerNormLinear`` owns them and registers ``layer_norm_weight`` and
+    ``layer_norm_bias`` before its ``weight`` and ``bias``. So each fused norm moves to just before the
+    first parameter of the linear that absorbs it (megatron's attention registers ``linear_proj`` before
+    ``linear_qkv``, so the input norm moves past it). ZeRO's flat partitions, the optimizer's state
+    indices and the EMA follow this order."""
+    moving: Dict[str, List[str]] = {}
+    rest = []
+    for n in names:
+        for te, local in _TE_TO_LOCAL:
+            if n.endswith(local):
+                owner = n[: -len(local)] + te.rsplit(".", 1)[0]  # e.g. layers.3.self_attention.linear_qkv
+                moving.setdefault(owner, []).append(n)
+                break
+        else:
+            rest.append(n)
+    out = []
+    for n in rest:
+        out += moving.pop(n.rsplit(".", 1)[0], [])
+        out.append(n)
+    if moving:
+        raise ValueError(f"fused LayerNorms without the linear that absorbs them under TransformerEngine: "
+                         f"{sorted(moving)[:3]}; the TE mapping of heptapod_ds/checkpoint/names.py does not "
+                         f"fit this model.")
+    return out
+
+
+def te_extra_state_names(names: List[str], attention: str) -> List[str]:
+    """``_extra_state`` entries a TE-spec model has and the local one lacks, for its canonical parameter
+    ``names``: TE's fused core attention (``attention == "te"``) in every layer."""
+    if attention != "te":
+        return []
+    layers = [m.group(1) for n in names if (m := _LAYER.match(n))]
+    return [layer + suffix for layer in layers for suffix in _TE_ONLY_EXTRA_STATE]
 
 
 def is_extra_state(name: str) -> bool:

@@ -21,7 +21,7 @@ import json
 import logging
 import pathlib
 import time
-from typing import Any, Dict, List, Optional, Tuple
+from typing import Any, Dict, Iterator, List, Mapping, Optional, Tuple
 
 import torch
 
@@ -123,8 +123,72 @@ def one_process_config(cfg):
     return validate(cfg, world_size=1)
 
 
-def load_release(path, verify: bool = False) -> Tuple[Any, Dict[str, torch.Tensor]]:
-    """``(cfg, state_dict)`` of a release: full tensors under canonical names, in the stored dtype."""
+_ST_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+              "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
+              "BOOL": torch.bool}
+
+
+class StreamedWeights(Mapping):
+    """A release's tensors read one at a time from ``model.safetensors``, as fp32: a conversion holds one
+    parameter of it at a time, never the whole file.
+
+    ``safe_open`` checks the file (header, dtypes, offsets inside the file) and gives names and shapes;
+    each tensor is then read with ``readinto`` into memory of its own rather than through the file's
+    memory map, whose pages would otherwise stay resident (counted in the process's RSS) until the
+    whole file had been mapped in. The last tensor read is kept, since a writer asks for the same
+    parameter once per TP rank and file in a row."""
+
+    def __init__(self, path: pathlib.Path):
+        import struct
+
+        from safetensors import SafetensorError, safe_open
+
+        self.path = path
+        try:
+            with safe_open(str(path), framework="pt") as f:  # validates the header against the file
+                self._names = list(f.keys())
+        except (SafetensorError, OSError, ValueError) as e:
+            raise ReleaseError(f"cannot read {path}: {e} (truncated or not a safetensors file).") from None
+        with open(path, "rb") as fh:
+            (n,) = struct.unpack("<Q", fh.read(8))
+            header = json.loads(fh.read(n))
+        self._base = 8 + n
+        self._entries = {k: header[k] for k in self._names}
+        self._last: Tuple[Optional[str], Optional[torch.Tensor]] = (None, None)
+
+    def __getitem__(self, name: str) -> torch.Tensor:
+        if name not in self._entries:
+            raise KeyError(name)
+        if self._last[0] != name:
+            e = self._entries[name]
+            dtype = _ST_DTYPES.get(e["dtype"])
+            if dtype is None:
+                raise ReleaseError(f"{self.path}: tensor '{name}' has dtype {e['dtype']}, which a release "
+                                   f"does not hold.")
+            begin, end = e["data_offsets"]
+            raw = torch.empty(end - begin, dtype=torch.uint8)
+            with open(self.path, "rb") as fh:
+                fh.seek(self._base + begin)
+                if fh.readinto(raw.numpy()) != end - begin:
+                    raise ReleaseError(f"{self.path} ends inside tensor '{name}' (truncated).")
+            t = raw.view(dtype).reshape(e["shape"])
+            self._last = (None, None)
+            self._last = (name, t if dtype == torch.float32 else t.float())
+        return self._last[1]
+
+    def shape(self, name: str) -> Tuple[int, ...]:
+        return tuple(self._entries[name]["shape"])
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._names)
+
+    def __len__(self) -> int:
+        return len(self._names)
+
+
+def load_release(path, verify: bool = False, stream: bool = False) -> Tuple[Any, Mapping]:
+    """``(cfg, state_dict)`` of a release: full tensors under canonical names, in the stored dtype; with
+    ``stream``, a :class:`StreamedWeights` (fp32, read on access) instead of a dict in memory."""
     from safetensors import SafetensorError
     from safetensors.torch import load_file
 
@@ -138,7 +202,7 @@ def load_release(path, verify: bool = False) -> Tuple[Any, Dict[str, torch.Tenso
     if not weights.is_file():
         raise ReleaseError(f"{weights} is missing.")
     try:
-        state = load_file(str(weights))
+        state = StreamedWeights(weights) if stream else load_file(str(weights))
     except (SafetensorError, OSError, ValueError) as e:
         raise ReleaseError(f"cannot read {weights}: {e} (truncated or not a safetensors file).") from None
     return cfg, state

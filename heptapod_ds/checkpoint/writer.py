@@ -1,4 +1,4 @@
-"""Write a training checkpoint of any layout (TP, DP, ZeRO 0-3) from canonical full tensors.
+"""Write a training checkpoint of any layout (TP, PP, DP, ZeRO 0-3) from canonical full tensors.
 
 Why the DeepSpeed files are written here rather than by DeepSpeed itself: a DeepSpeed engine of the
 target layout needs ``tensor x dp`` live processes, each holding its module copy (ZeRO-0/1/2) plus
@@ -9,6 +9,14 @@ written checkpoint is proven by DeepSpeed loading it (tests: resume on another s
 
 Each output file is built from the parameters it needs, one file at a time: memory is about one file
 plus the canonical tensors, which the caller hands in memory-mapped.
+
+Pipeline parallelism (``--pipeline N``): each stage is its own DeepSpeed engine over the stage's part of
+the model, so each stage gets the files of a PP=1 checkpoint of that part in ``pp_stageKK/`` (see
+``engine/checkpoint.py::_engine_tag``), with the stage's own optimizer groups (a group a stage has no
+parameter of is absent there, as in :func:`heptapod_ds.engine.optim.param_groups`). Which parameters a
+stage holds, and in which order, is read off the stage model itself
+(:class:`heptapod_ds.pipeline.stage.PipelineStage` built on the ``meta`` device), the split off
+:func:`heptapod_ds.pipeline.split_model` of the target config: the one place that decides both.
 """
 from __future__ import annotations
 
@@ -26,7 +34,7 @@ from heptapod_ds.engine import integrity
 from heptapod_ds.engine.checkpoint import META
 
 from . import zero_layout as zl
-from .names import ParamSpec, group_order
+from .names import ParamSpec, from_canonical, group_order, te_extra_state_names, te_parameter_order
 
 log = logging.getLogger(__name__)
 
@@ -46,18 +54,26 @@ class TrainingState:
     ema: Optional[Dict[str, Any]]             # {"decay", "num_updates"}; None = no EMA
     rng: Dict[str, Any]                       # python / numpy / torch / cuda state (layout-independent)
     megatron_rng: List[Dict[str, Any]]        # the TP tracker's states per source TP rank
+    # per source pipeline stage: (python/numpy/torch states, TP tracker states per TP rank); stages the
+    # source lacks take stage 0's. Empty: ``rng`` / ``megatron_rng`` for every stage.
+    stage_rng: List[Any] = field(default_factory=list)
     client_state: Dict[str, Any] = field(default_factory=dict)   # step, data position, nonfinite
     source: Dict[str, Any] = field(default_factory=dict)
 
 
-def target_config(cfg, tensor: int, pipeline: int, dp: int, zero: int):
-    """``cfg`` for the new layout: same model and global batch; micro batch / accumulation refitted."""
+def target_config(cfg, tensor: int, pipeline: int, dp: int, zero: int, layer_impl: Optional[str] = None):
+    """``cfg`` for the new layout: same model and global batch; micro batch / accumulation refitted;
+    ``layer_impl`` (local / transformer_engine) replaces ``backbone.transformer_impl`` when given."""
     import copy
 
     from heptapod_ds.config.loader import validate
 
     new = copy.deepcopy(cfg)
     new.parallel.tensor, new.parallel.pipeline, new.parallel.zero_stage = tensor, pipeline, zero
+    if layer_impl is not None:
+        new.backbone.transformer_impl = layer_impl
+    if pipeline != cfg.parallel.pipeline:
+        new.parallel.pipeline_split = "auto"  # an explicit split of the source's stage count cannot apply
     new.parallel.world_size = tensor * pipeline * dp
     new.parallel.ds_config = None
     tr = new.train
@@ -84,11 +100,42 @@ def _adamw_groups(cfg, n_groups_specs: List[List[ParamSpec]], last_lr: List[floa
     return groups
 
 
+def scheduler_for_groups(sched: Dict[str, Any], n_groups: int, where: str) -> Dict[str, Any]:
+    """The LR schedule state for an optimizer of ``n_groups`` param groups.
+
+    A pipeline stage's optimizer may have fewer groups than the whole model's (a stage without no-decay
+    parameters). The schedule is one lambda for every group, so its per-group lists hold one value
+    repeated; they are refitted to the new count. Per-group values that differ are refused."""
+    n_src = len(sched.get("base_lrs", []))
+    if n_src == n_groups:
+        return dict(sched)
+    out = dict(sched)
+    for key, value in sched.items():
+        if isinstance(value, list) and len(value) == n_src and n_src > 0:
+            if any(v != value[0] for v in value):
+                raise ValueError(f"{where}: the LR schedule's '{key}' differs between param groups "
+                                 f"({value}); it cannot be refitted from {n_src} to {n_groups} groups.")
+            out[key] = [value[0]] * n_groups
+    return out
+
+
 def fresh_scheduler_state(cfg, n_groups: int) -> Dict[str, Any]:
     from heptapod_ds.engine.schedule import build_scheduler
 
     opt = torch.optim.AdamW([{"params": [torch.zeros(1)]} for _ in range(n_groups)], lr=cfg.optimizer.lr)
     return build_scheduler(opt, cfg).state_dict()
+
+
+def target_layer_impl(cfg):
+    """(layer implementation, core attention) whose names the written checkpoint uses: the target
+    config's ``backbone.transformer_impl``, with ``auto`` resolved on this machine (TransformerEngine
+    when it imports here); ``--layer-impl`` sets it for another machine."""
+    from heptapod_ds.model.layers import resolve_attention, transformer_engine_available
+
+    impl = cfg.backbone.transformer_impl
+    if impl == "auto":
+        impl = "transformer_engine" if transformer_engine_available() else "local"
+    return impl, resolve_attention(cfg.backbone.attention, impl)
 
 
 class LayoutWriter:
@@ -102,23 +149,34 @@ class LayoutWriter:
         self.tp, self.pp = cfg.parallel.tensor, cfg.parallel.pipeline
         self.dp = cfg.parallel.world_size // (self.tp * self.pp)
         self.zero = cfg.parallel.zero_stage
-        if self.pp != 1:
-            raise ValueError("--pipeline > 1: writing pipeline-stage checkpoints is not supported yet.")
+        self.split = None
+        if self.pp > 1:
+            from heptapod_ds.pipeline import split_model
+            self.split = split_model(cfg)
         self.ds = ds_config_mod.resolve(cfg, data_parallel_size=self.dp)
-        self.groups = group_order(state.specs)
         self.tag = f"global_step{state.step}"
-        self.dir = out_ckpts / self.tag
-        self.dir.mkdir(parents=True)
+        self.root = out_ckpts / self.tag
+        self.root.mkdir(parents=True)
         self.progress = progress
         self._tensors: Dict[str, Optional[Dict[str, torch.Tensor]]] = {}
-        sched = state.scheduler or fresh_scheduler_state(state.cfg, len(self.groups))
-        if len(sched.get("base_lrs", [])) != len(self.groups):
-            raise ValueError(f"the LR schedule state has {len(sched.get('base_lrs', []))} groups, the model "
-                             f"{len(self.groups)}.")
-        self.sched = sched
-        self.param_groups = _adamw_groups(cfg, self.groups, list(sched["_last_lr"]))
+        self._stage_cache: Dict[int, Any] = {}
+        self.impl, self.attention = target_layer_impl(cfg)
+        by_name = {s.name: s for s in state.specs}
+        self._by_name = by_name
+        self._sched_src = state.scheduler or fresh_scheduler_state(state.cfg, len(group_order(state.specs)))
         import deepspeed
         self.ds_version = deepspeed.__version__
+        self._enter_stage(0)
+
+    def _enter_stage(self, p: int) -> None:
+        """Point the file builders at pipeline stage ``p``: its folder, parameters, groups and schedule."""
+        self.stage = p
+        self.dir = zl.stage_dir(self.root, self.pp, p)
+        self.dir.mkdir(parents=True, exist_ok=True)
+        _, order, _ = self._stage_model(p)
+        self.groups = group_order([self._by_name[n] for n in order])
+        self.sched = scheduler_for_groups(self._sched_src, len(self.groups), f"pipeline stage {p}")
+        self.param_groups = _adamw_groups(self.cfg, self.groups, list(self.sched["_last_lr"]))
 
     # ------------------------------------------------------------------ tensors
     def _local(self, kind: str, spec: ParamSpec, tp_rank: int) -> torch.Tensor:
@@ -191,12 +249,22 @@ class LayoutWriter:
                 "checkpoint_parallel_dimensions": {"pp_degree": self.pp, "tp_degree": self.tp},
                 "ds_config": self.ds, "ds_version": self.ds_version, "heptapod_step": int(s.step)}
 
-    def _extras(self) -> Dict[str, Any]:
-        """Non-parameter entries of the module's state dict (megatron's ``_extra_state``)."""
-        if not hasattr(self, "_extras_cache"):
+    def _name(self, canonical: str) -> str:
+        """The name the target layer implementation gives canonical parameter ``canonical``."""
+        return from_canonical(canonical, self.impl)
+
+    def _stage_model(self, p: int):
+        """(non-parameter state dict entries, canonical parameter names in the target model's order, the
+        state dict's keys as (target key, canonical name or None)) of stage ``p`` (the whole model at
+        PP=1), read off the local-spec model built on the ``meta`` device as the trainer builds it; for a
+        TransformerEngine target, renamed and reordered as :mod:`.names` says a TE model has them."""
+        if p not in self._stage_cache:
             from heptapod_ds.model.heptapod import HeptapodModel
             with torch.device("meta"):
                 model = HeptapodModel(self.s.cfg, impl="local", tensor_parallel=1)
+                if self.pp > 1:
+                    from heptapod_ds.pipeline.stage import PipelineStage
+                    model = PipelineStage(model, self.split, p)
             params = {n for n, _ in model.named_parameters()}
             extras = OrderedDict()
             for k, v in model.state_dict().items():
@@ -208,24 +276,30 @@ class LayoutWriter:
                                               f"does not know its value (extend "
                                               f"heptapod_ds/checkpoint/writer.py).")
                 extras[k] = v
-            self._extras_cache = (extras, [n for n, _ in model.named_parameters()], model)
-        return self._extras_cache
+            order = [n for n, _ in model.named_parameters()]
+            if self.impl == "transformer_engine":
+                order = te_parameter_order(order)
+                for k in te_extra_state_names(order, self.attention):
+                    extras[k] = None  # TE's set_extra_state takes None as "no FP8 state"
+            keys = [(self._name(n), n) for n in order] + [(k, None) for k in extras]
+            self._stage_cache[p] = (extras, order, keys)
+        return self._stage_cache[p]
 
     def _module(self, tp_rank: int, placeholders: bool) -> "OrderedDict[str, Any]":
-        extras, order, model = self._extras()
-        by_name = {s.name: s for s in self.s.specs}
+        extras, _, keys = self._stage_model(self.stage)
         module = OrderedDict()
-        for k in model.state_dict().keys():
-            if k in extras:
-                module[k] = extras[k]
+        for key, canonical in keys:
+            if canonical is None:
+                module[key] = extras[key]
             elif placeholders:
-                module[k] = torch.empty(0)
+                module[key] = torch.empty(0)
             else:
-                module[k] = self._owned("fp32", by_name[k], tp_rank)
+                module[key] = self._owned("fp32", self._by_name[canonical], tp_rank)
         return module
 
     def _param_shapes(self, sub_groups: List[List[ParamSpec]]):
-        return [OrderedDict((s.name, torch.Size(s.local_shape(self.tp))) for s in g) for g in sub_groups]
+        return [OrderedDict((self._name(s.name), torch.Size(s.local_shape(self.tp))) for s in g)
+                for g in sub_groups]
 
     def _loss_scaler(self):
         from deepspeed.runtime.fp16.loss_scaler import LossScaler
@@ -234,8 +308,8 @@ class LayoutWriter:
     def _step_tensor(self) -> torch.Tensor:
         return torch.tensor(float(self.s.optimizer_step))
 
-    def _save(self, obj, name: str) -> None:
-        torch.save(obj, self.dir / name)
+    def _save(self, obj, name: str, root: Optional[pathlib.Path] = None) -> None:
+        torch.save(obj, (root or self.dir) / name)
         if self.progress:
             self.progress(1)
 
@@ -246,14 +320,16 @@ class LayoutWriter:
 
     def file_count(self) -> int:
         per_tp = {0: 1, 1: 1 + self.dp, 2: 1 + self.dp, 3: 2 * self.dp}[self.zero]
-        return per_tp * self.tp + self.tp * self.dp * self.pp
+        return (per_tp * self.tp + self.tp * self.dp) * self.pp
 
     def write(self) -> pathlib.Path:
-        for r in range(self.tp):
-            {0: self._zero0, 1: self._zero12, 2: self._zero12, 3: self._zero3}[self.zero](r)
-        self._rank_files()
+        for p in range(self.pp):
+            self._enter_stage(p)
+            for r in range(self.tp):
+                {0: self._zero0, 1: self._zero12, 2: self._zero12, 3: self._zero3}[self.zero](r)
+            self._rank_files()
         self._meta()
-        return self.dir
+        return self.root
 
     def _zero0(self, r: int) -> None:
         order = [s for g in self.groups for s in g]
@@ -289,7 +365,7 @@ class LayoutWriter:
                 for spec, n in zip(specs, numels[gi]):
                     lo, hi = max(start, offset), min(start + length, offset + n)
                     if lo < hi:
-                        mapping[spec.name] = fragment_address(numel=hi - lo, start=lo - start)
+                        mapping[self._name(spec.name)] = fragment_address(numel=hi - lo, start=lo - start)
                     offset += n
                 mappings.append(mapping)
             osd = {"loss_scaler": self._loss_scaler(), "dynamic_loss_scale": False, "overflow": False,
@@ -306,6 +382,7 @@ class LayoutWriter:
                    "param_slice_mappings": mappings}
             self._save_optim({"optimizer_state_dict": osd, "ds_config": self.ds,
                               "ds_version": self.ds_version}, r, d)
+            del osd, lean, state  # freed before the next rank's partition is built, not after
 
     def _zero3_sub_groups(self) -> List[List[ParamSpec]]:
         size = int(self.ds["zero_optimization"].get("sub_group_size", 1_000_000_000))
@@ -338,6 +415,7 @@ class LayoutWriter:
                    "fp32_flat_groups": flats}
             self._save_optim({"optimizer_state_dict": osd, "ds_config": self.ds,
                               "ds_version": self.ds_version}, r, d)
+            del osd, flats, state  # freed before the next rank's partition is built, not after
 
     # ------------------------------------------------------------------ ours
     def _ema_state(self, r: int, d: int) -> Optional[Dict[str, Any]]:
@@ -346,8 +424,8 @@ class LayoutWriter:
         partitioned = self.zero == 3
         if not partitioned and d != 0:
             return None
-        _, order, _ = self._extras()
-        by_name = {s.name: s for s in self.s.specs}
+        _, order, _ = self._stage_model(self.stage)
+        by_name = self._by_name
         shadow = []
         for name in order:
             spec = by_name[name]
@@ -356,29 +434,37 @@ class LayoutWriter:
             else:
                 shadow.append(self._owned("ema", spec, r))
         return {"decay": float(self.s.ema["decay"]), "num_updates": int(self.s.ema["num_updates"]),
-                "partitioned": partitioned, "names": list(order), "shadow": shadow}
+                "partitioned": partitioned, "names": [self._name(n) for n in order], "shadow": shadow}
 
     def _rank_files(self) -> None:
+        """``heptapod_rank*.pt`` of the ranks of the current stage."""
+        p = self.stage
+        if self.s.stage_rng:
+            base, trackers = self.s.stage_rng[p if p < len(self.s.stage_rng) else 0]
+        else:
+            base, trackers = self.s.rng, self.s.megatron_rng
         for d in range(self.dp):
             for r in range(self.tp):
-                rank = zl.global_rank(r, d, 0, self.tp, self.dp)
+                rank = zl.global_rank(r, d, p, self.tp, self.dp)
                 # the TP tracker of a TP rank the source did not have keeps its fresh seeding (None)
-                megatron = self.s.megatron_rng[r] if r < len(self.s.megatron_rng) else None
-                rng = dict(self.s.rng, megatron=megatron)
+                megatron = trackers[r] if r < len(trackers) else None
+                rng = dict(base, megatron=megatron)
                 own = {"rng": rng, "client_state": dict(self.s.client_state), "ema": self._ema_state(r, d),
                        "rank": rank}
-                self._save(own, f"heptapod_rank{rank:05d}.pt")
+                self._save(own, f"heptapod_rank{rank:05d}.pt", root=self.root)  # beside the stage folders
+                del own
 
     def _meta(self) -> None:
         from heptapod_ds.config.loader import to_dict
 
         meta = {"step": int(self.s.step), "tag": self.tag, "time": time.time(),
                 "world_size": self.tp * self.dp * self.pp,
-                "layout": {"tensor": self.tp, "pipeline": self.pp, "dp": self.dp, "zero_stage": self.zero},
+                "layout": {"tensor": self.tp, "pipeline": self.pp, "dp": self.dp, "zero_stage": self.zero,
+                           "pipeline_split": self.split.counts if self.split is not None else None},
                 "has_ema": self.s.ema is not None, "config": to_dict(self.cfg),
                 "converted_from": self.s.source}
         # the same checksums and seal as a checkpoint the trainer writes: resume=auto and `verify` check them
-        meta["files"] = integrity.describe_files(self.dir, integrity.list_files(self.dir))
+        meta["files"] = integrity.describe_files(self.root, integrity.list_files(self.root))
         meta = integrity.seal_meta(meta)
-        (self.dir / META).write_text(json.dumps(meta, indent=1, default=str))
-        (self.dir.parent / "latest").write_text(self.tag)
+        (self.root / META).write_text(json.dumps(meta, indent=1, default=str))
+        (self.root.parent / "latest").write_text(self.tag)

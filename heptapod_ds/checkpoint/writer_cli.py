@@ -15,10 +15,16 @@ def _layout_args(p) -> None:
     p.add_argument("--out", required=True, help="run directory to write (checkpoints/global_stepN, latest, "
                                                 "config.yaml); resume it with run_dir=RUN_DIR")
     p.add_argument("--tensor", type=int, required=True, help="tensor-parallel size of the new layout")
-    p.add_argument("--pipeline", type=int, default=1, help="pipeline-parallel size (only 1 is supported yet)")
+    p.add_argument("--pipeline", type=int, default=1, help="pipeline-parallel size of the new layout (stages "
+                                                           "split as parallel.pipeline_split=auto decides)")
     p.add_argument("--dp", type=int, required=True, help="data-parallel size of the new layout")
     p.add_argument("--zero", type=int, required=True, choices=(0, 1, 2, 3), help="ZeRO stage of the new "
                                                                                  "layout")
+    p.add_argument("--layer-impl", choices=("local", "transformer_engine"), default=None,
+                   help="layer implementation whose parameter names the checkpoint uses (TransformerEngine "
+                        "fuses the LayerNorms into the next linear); default: the config's "
+                        "backbone.transformer_impl, auto meaning TransformerEngine when it imports here. "
+                        "Sets backbone.transformer_impl of the written config.")
     p.add_argument("--force", action="store_true", help="replace an existing --out run of the same model")
 
 
@@ -111,7 +117,7 @@ def cmd_reshard(args) -> int:
     t0 = time.perf_counter()
     ensure_local_world()
     src = TrainingCheckpoint(args.ckpt)
-    tcfg = target_config(src.cfg, args.tensor, args.pipeline, args.dp, args.zero)
+    tcfg = target_config(src.cfg, args.tensor, args.pipeline, args.dp, args.zero, args.layer_impl)
     check_out_run(out, src.cfg, args.force)
     check_free(out, args.force)
     log.info("reshard: %s (step %d, layout %s) -> %s with tensor=%d pipeline=%d dp=%d zero=%d", src.dir,
@@ -136,7 +142,14 @@ def cmd_reshard(args) -> int:
     def tensors_of(kind: str):
         return safe_load.load(spilled[kind], mmap=True) if kind in spilled else None
 
+    from . import zero_layout as zl
+
     rng = {k: v for k, v in rank0["rng"].items() if k != "megatron"}
+    stage_rng = []
+    for p in range(src.pp):  # the default generators differ per stage (seed + 100 x stage)
+        ranks = [src.rank_state(zl.global_rank(r, 0, p, src.tp, src.dp))["rng"] for r in range(src.tp)]
+        stage_rng.append(({k: v for k, v in ranks[0].items() if k != "megatron"},
+                          [st.get("megatron") for st in ranks]))
     client = dict(rank0["client_state"])
     client["data"] = _normalise_position(client.get("data", {"epoch": 0, "global_batches": 0}), src.cfg)
     state = TrainingState(cfg=src.cfg, specs=src.specs, step=src.step, optimizer_step=src.optimizer_step(),
@@ -144,8 +157,7 @@ def cmd_reshard(args) -> int:
                           counters={k: int(ms[k])
                                     for k in ("global_steps", "global_samples", "skipped_steps")},
                           ema=src.ema_counters() or None, rng=rng,
-                          megatron_rng=[src.rank_state(r)["rng"].get("megatron") for r in range(src.tp)],
-                          client_state=client,
+                          megatron_rng=stage_rng[0][1], stage_rng=stage_rng, client_state=client,
                           source={"path": str(src.dir.resolve()), "step": src.step, "layout": src.layout()})
     tag = _write_run(out, args.force, state, tcfg, "write", spill=spill)
     log.info("wrote %s in %.1fs, peak RSS %s; resume with run_dir=%s", tag, time.perf_counter() - t0,
@@ -154,7 +166,8 @@ def cmd_reshard(args) -> int:
 
 
 def _fresh_rng(seed: int) -> Dict[str, Any]:
-    """python / numpy / torch states as ``parallel_state.seed_everything(seed)`` leaves them (stage 0)."""
+    """python / numpy / torch states as ``parallel_state.seed_everything(seed)`` leaves them on stage 0 (stage
+    k: ``seed + 100 k``)."""
     import random
 
     import numpy as np
@@ -186,22 +199,26 @@ def cmd_from_release(args) -> int:
     problems = verify_release(args.release) if (pathlib.Path(args.release) / RELEASE_FILE).is_file() else []
     if problems:
         raise ValueError("release is damaged:\n  - " + "\n  - ".join(problems))
-    cfg, weights = load_release(args.release)
-    tcfg = target_config(cfg, args.tensor, args.pipeline, args.dp, args.zero)
+    cfg, weights = load_release(args.release, stream=True)  # read tensor by tensor, memory-mapped
+    tcfg = target_config(cfg, args.tensor, args.pipeline, args.dp, args.zero, args.layer_impl)
     check_out_run(out, cfg, args.force)
     check_free(out, args.force)
     ensure_local_world()
     specs = model_spec(cfg)
-    weights = {k: v.float() for k, v in weights.items()}
     missing = [s.name for s in specs if s.name not in weights]
-    if missing or len(weights) != len(specs):
+    wrong = [f"{s.name} {weights.shape(s.name)} (config: {s.shape})" for s in specs
+             if s.name in weights and weights.shape(s.name) != s.shape]
+    if missing or len(weights) != len(specs) or wrong:
         raise ValueError(f"{args.release}/model.safetensors does not fit its config.json: missing "
-                         f"{missing[:3]}.")
+                         f"{missing[:3]}, {len(weights) - len(specs) + len(missing)} unexpected, shapes "
+                         f"{wrong[:3]}.")
     ema = {"decay": cfg.train.ema_decay, "num_updates": 0} if cfg.train.ema_decay > 0 else None
     state = TrainingState(cfg=cfg, specs=specs, step=0, optimizer_step=0,
                           tensors=lambda kind: weights if kind in ("fp32", "ema") else None, scheduler=None,
                           counters={"global_steps": 0, "global_samples": 0, "skipped_steps": 0}, ema=ema,
                           rng=_fresh_rng(cfg.train.seed), megatron_rng=[],
+                          stage_rng=[(_fresh_rng(cfg.train.seed + 100 * p), [])
+                                     for p in range(tcfg.parallel.pipeline)],
                           client_state={"step": 0, "data": {"epoch": 0, "global_batches": 0,
                                                             "global_batch_size": cfg.train.global_batch_size},
                                         "nonfinite": {"in_a_row": 0, "total_skipped": 0}},

@@ -56,19 +56,34 @@ def _copy_run(made, name):
     return dst, dst / "checkpoints" / "global_step0"
 
 
-@pytest.mark.parametrize("tp,zero", [(1, 0), (2, 0), (1, 1), (2, 2), (1, 3)])
-def test_every_layout_round_trips_bit_exactly(made, tp, zero):
+@pytest.mark.parametrize("tp,zero,pp", [(1, 0, 1), (2, 0, 1), (1, 1, 1), (2, 2, 1), (1, 3, 1), (2, 1, 2),
+                                        (1, 0, 3)])
+def test_every_layout_round_trips_bit_exactly(made, tp, zero, pp):
     tmp, tensors = made
-    run, out = tmp / f"rs{tp}{zero}", tmp / f"rel{tp}{zero}"
+    run, out = tmp / f"rs{tp}{zero}{pp}", tmp / f"rel{tp}{zero}{pp}"
     assert main(["reshard", "--ckpt", str(tmp / "run"), "--out", str(run), "--tensor", str(tp), "--dp", "2",
-                 "--zero", str(zero)]) == 0
+                 "--zero", str(zero), "--pipeline", str(pp)]) == 0
+    if pp > 1:  # the stages' folders hold disjoint parts; back to PP=1 from there
+        tag = run / "checkpoints" / "global_step0"
+        assert sorted(d.name for d in tag.iterdir() if d.is_dir()) == [f"pp_stage{k:02d}" for k in range(pp)]
+        meta = json.loads((tag / "heptapod_meta.json").read_text())
+        assert meta["layout"]["pipeline"] == pp and len(meta["layout"]["pipeline_split"]) == pp
+        assert len(list(tag.glob("heptapod_rank*.pt"))) == tp * pp * 2
+        back = tmp / f"rs{tp}{zero}{pp}_pp1"
+        assert main(["reshard", "--ckpt", str(run), "--out", str(back), "--tensor", "1", "--dp", "1",
+                     "--zero", "0"]) == 0
+        assert main(["to-release", "--ckpt", str(back), "--out", str(tmp / f"relback{tp}{zero}"),
+                     "--weights", "ema"]) == 0
+        got = _release(tmp / f"relback{tp}{zero}")
+        assert got.keys() == tensors.keys() and all(torch.equal(got[k], tensors[k]) for k in tensors)
     from heptapod_ds.engine.integrity import verify_checkpoint
     assert verify_checkpoint(run / "checkpoints" / "global_step0", strict=True) == []  # every file hashed
     assert main(["to-release", "--ckpt", str(run), "--out", str(out), "--weights", "raw"]) == 0
     got = _release(out)
     assert got.keys() == tensors.keys() and all(torch.equal(got[k], tensors[k]) for k in tensors)
-    assert main(["to-release", "--ckpt", str(run), "--out", str(tmp / f"relb{tp}{zero}"), "--dtype", "bf16"]) == 0
-    assert all(v.dtype == torch.bfloat16 for v in _release(tmp / f"relb{tp}{zero}").values())
+    assert main(["to-release", "--ckpt", str(run), "--out", str(tmp / f"relb{tp}{zero}{pp}"), "--dtype",
+                 "bf16"]) == 0
+    assert all(v.dtype == torch.bfloat16 for v in _release(tmp / f"relb{tp}{zero}{pp}").values())
 
 
 def test_inspect_and_verify(made, capsys):
@@ -156,8 +171,77 @@ def test_altered_release_is_named(made, capsys):
     assert "model.safetensors" in capsys.readouterr().out
 
 
-def test_every_command_has_help():
-    for cmd in ([], ["to-release"], ["reshard"], ["from-release"], ["inspect"], ["verify"]):
-        proc = subprocess.run([sys.executable, os.path.join(REPO, "tools", "convert_ckpt.py"), *cmd, "--help"],
-                              capture_output=True, text=True, timeout=120, cwd=REPO)
-        assert proc.returncode == 0 and "usage:" in proc.stdout, proc.stderr
+def test_every_command_has_help(capsys):
+    # the script itself once (a process costs seconds of imports); each sub-command through its parser
+    proc = subprocess.run([sys.executable, os.path.join(REPO, "tools", "convert_ckpt.py"), "--help"],
+                          capture_output=True, text=True, timeout=120, cwd=REPO)
+    assert proc.returncode == 0 and "usage:" in proc.stdout and "from-release" in proc.stdout, proc.stderr
+    for cmd in ("to-release", "reshard", "from-release", "inspect", "verify"):
+        with pytest.raises(SystemExit) as exit_:
+            main([cmd, "--help"])
+        assert exit_.value.code == 0
+        out = capsys.readouterr().out
+        assert out.startswith("usage:") and cmd in out
+
+
+@pytest.mark.parametrize("zero,pp", [(0, 1), (2, 2), (3, 1)])
+def test_transformer_engine_names_round_trip(made, zero, pp):
+    """Written under TE names (the LayerNorms fused into the next linear, TE's parameter order, its
+    attention's extra state) and read back: the same tensors; the names are exactly those names.py maps
+    a TE model's to."""
+    from heptapod_ds.checkpoint.names import from_canonical, model_spec, te_parameter_order, to_canonical
+    from heptapod_ds.config import load_config
+    from heptapod_ds.engine import safe_load
+
+    tmp, tensors = made
+    run, out = tmp / f"te{zero}{pp}", tmp / f"relte{zero}{pp}"
+    assert main(["reshard", "--ckpt", str(tmp / "run"), "--out", str(run), "--tensor", "2", "--dp", "1",
+                 "--zero", str(zero), "--pipeline", str(pp), "--layer-impl", "transformer_engine"]) == 0
+    tag = run / "checkpoints" / "global_step0"
+    meta = json.loads((tag / "heptapod_meta.json").read_text())
+    assert meta["config"]["backbone"]["transformer_impl"] == "transformer_engine"
+    specs = model_spec(load_config(overrides=SMALL, world_size=1))
+    group = {from_canonical(s.name, "transformer_engine"): s.group for s in specs}
+    te_order = [from_canonical(n, "transformer_engine") for n in te_parameter_order([s.name for s in specs])]
+    assert not any(n.endswith(("input_layernorm.weight", "pre_mlp_layernorm.bias")) for n in te_order)
+    assert "backbone.decoder.layers.0.self_attention.linear_qkv.layer_norm_weight" in te_order
+    stages = [tag] if pp == 1 else [tag / f"pp_stage{k:02d}" for k in range(pp)]
+    names, extras = [], []
+    for stage in stages:
+        sd = safe_load.load(stage / ("zero_pp_rank_0_mp_rank_01_model_states.pt" if zero == 3
+                                     else "mp_rank_01_model_states.pt"), mmap=True)
+        keys = list(sd["module"])
+        extras += [k for k in keys if k.endswith("._extra_state")]
+        params = [k for k in keys if not k.endswith("._extra_state")]
+        if zero > 0:  # DeepSpeed's flat layout: optimizer group by group, each in the model's order
+            mine = [n for n in te_order if n in set(params)]
+            assert [n for g in sd["param_shapes"] for n in g] == sorted(mine, key=lambda n: group[n])
+        names += params
+    assert sorted(names) == sorted(te_order)
+    assert all(from_canonical(to_canonical(n), "transformer_engine") == n for n in names)
+    assert "backbone.decoder.layers.1.self_attention.core_attention._extra_state" in extras
+    assert main(["to-release", "--ckpt", str(run), "--out", str(out), "--weights", "ema"]) == 0
+    got = _release(out)
+    assert got.keys() == tensors.keys() and all(torch.equal(got[k], tensors[k]) for k in tensors)
+
+
+def test_streamed_release_reads_each_tensor_exactly(made, tmp_path):
+    """from-release reads the release tensor by tensor (fp32 and bf16 files); a cut file is named."""
+    from safetensors.torch import save_file
+
+    from heptapod_ds.checkpoint.release import ReleaseError, StreamedWeights
+
+    _, tensors = made
+    half = {k: v.to(torch.bfloat16) for k, v in list(tensors.items())[:4]}
+    for name, data in (("fp32", tensors), ("bf16", half)):
+        path = tmp_path / f"{name}.safetensors"
+        save_file(data, str(path))
+        streamed = StreamedWeights(path)
+        assert set(streamed) == set(data) and len(streamed) == len(data)
+        for k, v in data.items():
+            assert streamed.shape(k) == tuple(v.shape)
+            assert streamed[k].dtype == torch.float32 and torch.equal(streamed[k], v.float())
+    cut = tmp_path / "cut.safetensors"
+    cut.write_bytes((tmp_path / "fp32.safetensors").read_bytes()[:-100])
+    with pytest.raises(ReleaseError, match="cut.safetensors"):
+        StreamedWeights(cut)

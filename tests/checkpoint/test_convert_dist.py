@@ -1,10 +1,12 @@
 """Acceptance of tools/convert_ckpt.py on real training runs (tiny Heptapod, gloo, 4 + 2 ranks).
 
 One 4-rank world trains the reference (TP=2 x DP=2, ZeRO-3, 6 steps, checkpoints at 3 and 6), converts
-its step-3 checkpoint (rank 0), resumes the DP=4 ZeRO-2 reshard to step 6, loads every resharded
-layout (ZeRO-0/1/2/3 x TP 1/2) and the from-release checkpoint into DeepSpeed engines and saves them
-again with DeepSpeed, and samples from the training checkpoint and from the release. A 2-rank world
-resumes the TP=1 x DP=2 ZeRO-1 reshard. The assertions then share these runs.
+its step-3 checkpoint (rank 0), loads every resharded layout (ZeRO-0/1/2/3 x TP 1/2, and PP=2) and the
+from-release checkpoints (TP=2 ZeRO-3, PP=2) into DeepSpeed engines and saves them again with DeepSpeed,
+resumes the DP=4 ZeRO-2 and the PP=2 x DP=2 reshards to step 6 (the PP=2 run saving every step), reshards
+the PP=2 run's own step-4 checkpoint back to PP=1, and samples from the training checkpoint and from the
+release. A 2-rank world resumes the TP=1 x DP=2 ZeRO-1 reshard of step 3 and the PP=1 reshard of the PP=2
+step 4. The assertions then share these runs.
 """
 import inspect
 import json
@@ -30,14 +32,14 @@ def _cfg(world, *extra):
     return load_config(overrides=[*SMALL, *extra], world_size=world)
 
 
-def _relayout(tp):
-    """New megatron groups for another TP size on the same processes (the gloo world stays)."""
+def _relayout(tp, pp=1):
+    """New megatron groups for another TP / PP size on the same processes (the gloo world stays)."""
     from heptapod_ds.distributed import parallel_state
 
     if parallel_state.is_initialized():
         parallel_state._OWNS_PROCESS_GROUP = False
         parallel_state.destroy()
-    parallel_state.initialize(tensor=tp, pipeline=1, backend="gloo", seed=0)
+    parallel_state.initialize(tensor=tp, pipeline=pp, backend="gloo", seed=0)
 
 
 def _train(cfg):
@@ -69,64 +71,95 @@ def _engine(cfg):
     return engine, ema, CheckpointManager(cfg)
 
 
-def _world4(rank, world_size, tmp):
+def _on_rank0(rank, commands):
+    """Run converter commands on rank 0; every rank fails if one does."""
     import torch.distributed as dist
 
-    from heptapod_ds.checkpoint import build_model_from_release
-
-    _relayout(2)
-    _train(_cfg(4, "parallel.tensor=2", "parallel.zero_stage=3", f"run_dir={tmp}/ref"))
-    step3 = f"{tmp}/ref/checkpoints/global_step3"
     error = [None]
     if rank == 0:
         try:
-            _convert(["reshard", "--ckpt", step3, "--out", f"{tmp}/A", "--tensor", "1", "--dp", "2", "--zero", "1"])
-            _convert(["reshard", "--ckpt", step3, "--out", f"{tmp}/B", "--tensor", "1", "--dp", "4", "--zero", "2"])
-            for tp, z in LAYOUTS:
-                _convert(["reshard", "--ckpt", step3, "--out", f"{tmp}/L{tp}{z}", "--tensor", str(tp), "--dp",
-                          str(4 // tp), "--zero", str(z)])
-            _convert(["to-release", "--ckpt", step3, "--out", f"{tmp}/rel_raw", "--weights", "raw"])
-            _convert(["to-release", "--ckpt", step3, "--out", f"{tmp}/rel_ema", "--weights", "ema"])
-            _convert(["from-release", "--release", f"{tmp}/rel_raw", "--out", f"{tmp}/FR", "--tensor", "2",
-                      "--dp", "2", "--zero", "3"])
+            for argv in commands:
+                _convert(argv)
         except BaseException as e:  # noqa: BLE001 - tell the other ranks, then fail
             error[0] = repr(e)
     dist.broadcast_object_list(error, src=0)
     assert error[0] is None, f"conversion on rank 0 failed: {error[0]}"
 
+
+PP2 = ["parallel.pipeline=2", "parallel.zero_stage=1", "train.micro_batch_size=4"]  # 2 micro-batches per step
+
+
+def _world4(rank, world_size, tmp):
+    from heptapod_ds.checkpoint import build_model_from_release
+
+    _relayout(2)
+    _train(_cfg(4, "parallel.tensor=2", "parallel.zero_stage=3", f"run_dir={tmp}/ref"))
+    step3 = f"{tmp}/ref/checkpoints/global_step3"
+    _on_rank0(rank, [
+        ["reshard", "--ckpt", step3, "--out", f"{tmp}/A", "--tensor", "1", "--dp", "2", "--zero", "1"],
+        ["reshard", "--ckpt", step3, "--out", f"{tmp}/B", "--tensor", "1", "--dp", "4", "--zero", "2"],
+        ["reshard", "--ckpt", step3, "--out", f"{tmp}/P", "--tensor", "1", "--pipeline", "2", "--dp", "2",
+         "--zero", "1"],
+        *[["reshard", "--ckpt", step3, "--out", f"{tmp}/L{tp}{z}", "--tensor", str(tp), "--dp", str(4 // tp),
+           "--zero", str(z)] for tp, z in LAYOUTS],
+        ["to-release", "--ckpt", step3, "--out", f"{tmp}/rel_raw", "--weights", "raw"],
+        ["to-release", "--ckpt", step3, "--out", f"{tmp}/rel_ema", "--weights", "ema"],
+        ["from-release", "--release", f"{tmp}/rel_raw", "--out", f"{tmp}/FR", "--tensor", "2", "--dp", "2",
+         "--zero", "3"],
+        ["from-release", "--release", f"{tmp}/rel_raw", "--out", f"{tmp}/FRP", "--tensor", "1", "--pipeline",
+         "2", "--dp", "2", "--zero", "1"]])
+
+    # every written layout loads in DeepSpeed and is saved again by it (PP=2: one engine per stage)
+    from heptapod_ds.engine import CheckpointManager
+    for name, tp, z, pp in ([(f"L{tp}{z}", tp, z, 1) for tp, z in LAYOUTS]
+                            + [("FR", 2, 3, 1), ("P", 1, 1, 2), ("FRP", 1, 1, 2)]):
+        _relayout(tp, pp)
+        layout = PP2 if pp == 2 else [f"parallel.tensor={tp}", f"parallel.zero_stage={z}",
+                                      f"train.micro_batch_size={8 if tp == 2 else 4}"]
+        engine, ema, ckpt = _engine(_cfg(4, *layout, f"run_dir={tmp}/{name}"))
+        state = ckpt.load(engine, ema=ema)
+        assert state is not None, f"{name}: nothing resumed"
+        out = CheckpointManager(_cfg(4, *layout, f"run_dir={tmp}/{name}_ds"))
+        out.save(engine, int(state["step"]), state, ema=ema)
+        del engine
+
     # resume the DP=4 ZeRO-2 reshard to step 6
     _relayout(1)
     _train(_cfg(4, "parallel.zero_stage=2", "train.micro_batch_size=4", f"run_dir={tmp}/B"))
-
-    # every resharded layout (and the from-release checkpoint) loads in DeepSpeed and is saved again by it
-    for name, tp, z in [(f"L{tp}{z}", tp, z) for tp, z in LAYOUTS] + [("FR", 2, 3)]:
-        _relayout(tp)
-        micro = 8 if tp == 2 else 4
-        cfg = _cfg(4, f"parallel.tensor={tp}", f"parallel.zero_stage={z}", f"train.micro_batch_size={micro}",
-                   f"run_dir={tmp}/{name}")
-        engine, ema, ckpt = _engine(cfg)
-        state = ckpt.load(engine, ema=ema)
-        assert state is not None, f"{name}: nothing resumed"
-        out = _cfg(4, f"parallel.tensor={tp}", f"parallel.zero_stage={z}", f"train.micro_batch_size={micro}",
-                   f"run_dir={tmp}/{name}_ds")
-        from heptapod_ds.engine import CheckpointManager
-        CheckpointManager(out).save(engine, int(state["step"]), state, ema=ema)
-        del engine
+    # resume the PP=2 reshard to step 6, saving every step; its own step 4 goes back to PP=1 (_world2)
+    _relayout(1, 2)
+    _train(_cfg(4, *PP2, "checkpoint.save_every=1", f"run_dir={tmp}/P"))
+    _on_rank0(rank, [["reshard", "--ckpt", f"{tmp}/P/checkpoints/global_step4", "--out", f"{tmp}/Q",
+                      "--tensor", "1", "--dp", "2", "--zero", "1"]])
 
     # train.py starts from a release in another layout (TP=2 ZeRO-3 partitions filled from full tensors)
     _relayout(2)
     _train(_cfg(4, "parallel.tensor=2", "parallel.zero_stage=3", "train.steps=0", f"run_dir={tmp}/init",
                 f"checkpoint.from_release={tmp}/rel_raw"))
 
-    # sampling: the training checkpoint (EMA swapped in, ZeRO-3, TP=2) against the release, both at TP=2
+    # sampling: the training checkpoint as DeepSpeed loads it (ZeRO-3, TP=2, EMA swapped in) against the
+    # release rebuilt from its config.json. DeepSpeed's weights are gathered (DP and TP) into a plain TP=1
+    # model and both sample at TP=1: 64 steps of TP collectives (or ZeRO-3's per-module hooks) on four
+    # processes over two busy cores cost a minute, and test nothing the release does not.
+    import deepspeed
+
+    from heptapod_ds.model import build_model
+    from heptapod_ds.model.tp_shard import gather_full_state_dict
+
     _relayout(2)
     cfg = _cfg(4, "parallel.tensor=2", "parallel.zero_stage=3", f"run_dir={tmp}/ref", f"checkpoint.resume={step3}")
     engine, ema, ckpt = _engine(cfg)
     ckpt.load(engine, ema=ema)
+    with ema.swap(engine), deepspeed.zero.GatheredParameters(list(engine.module.parameters())):
+        loaded = gather_full_state_dict(engine.module)
+    del engine
+    _relayout(1)
+    model = build_model(_cfg(4, "train.micro_batch_size=4", f"run_dir={tmp}/ref"))
+    params = {n for n, _ in model.named_parameters()}
+    assert params <= set(loaded), sorted(params - set(loaded))[:3]
+    model.load_state_dict({k: v for k, v in loaded.items() if k in params}, strict=False)
     labels = torch.tensor([3, 7])
-    engine.eval()
-    with ema.swap(engine):
-        from_ckpt = _generate(engine.module, labels, seed=5)
+    from_ckpt = _generate(model.eval(), labels, seed=5)
     release_model = build_model_from_release(f"{tmp}/rel_ema")
     from_release = _generate(release_model, labels, seed=5)
     return {"from_ckpt": from_ckpt, "from_release": from_release}
@@ -135,6 +168,7 @@ def _world4(rank, world_size, tmp):
 def _world2(rank, world_size, tmp):
     _relayout(1)
     _train(_cfg(2, "parallel.zero_stage=1", f"run_dir={tmp}/A"))
+    _train(_cfg(2, "parallel.zero_stage=1", f"run_dir={tmp}/Q"))
     return True
 
 
@@ -167,10 +201,11 @@ def test_resume_on_another_shape_matches_the_uninterrupted_run(runs):
     tmp, _ = runs
     ref = _losses(tmp / "ref")
     assert sorted(ref) == [1, 2, 3, 4, 5, 6]
-    for name in ("A", "B"):
+    # A: TP=1 DP=2 ZeRO-1, B: DP=4 ZeRO-2, P: PP=2 x DP=2 (from PP=1), Q: PP=1 from P's own PP=2 step 4
+    for name, steps in (("A", [4, 5, 6]), ("B", [4, 5, 6]), ("P", [4, 5, 6]), ("Q", [5, 6])):
         got = _losses(tmp / name)
-        assert sorted(got) == [4, 5, 6], f"{name} did not resume at step 3: {sorted(got)}"
-        for s in (4, 5, 6):
+        assert sorted(got) == steps, f"{name} did not resume at step {steps[0] - 1}: {sorted(got)}"
+        for s in steps:
             assert abs(got[s] - ref[s]) <= 1e-5 * abs(ref[s]), f"{name} step {s}: {got[s]} vs {ref[s]}"
 
 
@@ -197,13 +232,34 @@ def test_to_release_is_identical_for_every_layout_saved_by_deepspeed(runs, singl
                               f"get_fp32_state_dict_from_zero_checkpoint TP=1 ZeRO-{z}")
 
 
-def test_release_round_trip_through_tp2_zero3(runs, single_rank):
+def test_release_round_trip_through_tp2_zero3_and_pp2(runs, single_rank):
     from heptapod_ds.checkpoint.cli import main
 
     tmp, _ = runs
-    out = tmp / "rel_fr"
-    assert main(["to-release", "--ckpt", str(tmp / "FR_ds"), "--out", str(out), "--weights", "raw"]) == 0
-    _assert_identical(_release(out), _release(tmp / "rel_raw"), "release -> from-release TP2 ZeRO-3 -> release")
+    for name, what in (("FR", "TP2 ZeRO-3"), ("FRP", "PP2 ZeRO-1")):
+        out = tmp / f"rel_{name}"
+        assert main(["to-release", "--ckpt", str(tmp / f"{name}_ds"), "--out", str(out), "--weights",
+                     "raw"]) == 0
+        _assert_identical(_release(out), _release(tmp / "rel_raw"), f"release -> from-release {what} -> "
+                                                                    f"release")
+
+
+def test_pp2_checkpoint_releases_the_same_tensors_as_pp1(runs, single_rank):
+    """P_ds: the PP=2 reshard of the PP=1 step 3, loaded and saved again by the stages' DeepSpeed engines;
+    P/global_step4: written by the PP=2 trainer itself, against its PP=1 reshard Q (resumed in _world2)."""
+    from heptapod_ds.checkpoint.cli import main
+
+    tmp, _ = runs
+    tag = tmp / "P_ds" / "checkpoints" / "global_step3"
+    assert sorted(p.name for p in tag.iterdir() if p.is_dir()) == ["pp_stage00", "pp_stage01"]
+    for weights in ("raw", "ema"):
+        out = tmp / f"rel_P_{weights}"
+        assert main(["to-release", "--ckpt", str(tag), "--out", str(out), "--weights", weights]) == 0
+        _assert_identical(_release(out), _release(tmp / f"rel_{weights}"), f"PP=2 vs PP=1 ({weights})")
+    for ckpt, out in ((tmp / "P" / "checkpoints" / "global_step4", "rel_P4"),
+                      (tmp / "Q" / "checkpoints" / "global_step4", "rel_Q4")):
+        assert main(["to-release", "--ckpt", str(ckpt), "--out", str(tmp / out), "--weights", "raw"]) == 0
+    _assert_identical(_release(tmp / "rel_P4"), _release(tmp / "rel_Q4"), "PP=2 step 4 vs its PP=1 reshard")
 
 
 def test_train_py_starts_from_a_release(runs, single_rank):

@@ -35,3 +35,24 @@ def test_shard_and_join_invert_each_other():
     parts = [spec.shard(full, 2, r) for r in range(2)]
     assert parts[0].shape == spec.local_shape(2) == (4, 3)
     assert torch.equal(spec.join(parts), full)
+
+
+def test_transformer_engine_order_puts_each_fused_norm_before_its_linear():
+    from heptapod_ds.checkpoint.names import te_extra_state_names, te_parameter_order
+
+    layer = "backbone.decoder.layers.0."
+    local = [layer + n for n in ("input_layernorm.weight", "input_layernorm.bias",
+                                 "self_attention.linear_proj.weight",
+                                 "self_attention.linear_proj.bias", "self_attention.linear_qkv.weight",
+                                 "self_attention.linear_qkv.bias", "pre_mlp_layernorm.weight",
+                                 "pre_mlp_layernorm.bias", "mlp.linear_fc1.weight", "mlp.linear_fc2.weight")]
+    te = [from_canonical(n, "transformer_engine") for n in te_parameter_order(local)]
+    assert te == [layer + n for n in (
+        "self_attention.linear_proj.weight", "self_attention.linear_proj.bias",
+        "self_attention.linear_qkv.layer_norm_weight", "self_attention.linear_qkv.layer_norm_bias",
+        "self_attention.linear_qkv.weight", "self_attention.linear_qkv.bias",
+        "mlp.linear_fc1.layer_norm_weight", "mlp.linear_fc1.layer_norm_bias", "mlp.linear_fc1.weight",
+        "mlp.linear_fc2.weight")]
+    assert [to_canonical(n) for n in te] == te_parameter_order(local)
+    assert te_extra_state_names(local, "te") == [layer + "self_attention.core_attention._extra_state"]
+    assert te_extra_state_names(local, "sdpa") == []
