@@ -16,7 +16,10 @@ resolution never reaches it, so an EMA of the bf16 copy averages the rounding, n
 Where the master lives:
 
 - ZeRO-3: ``safe_get_local_fp32_param`` gives this rank's fp32 partition, the shape of its shadow;
-- ZeRO-1/2 and DeepSpeed's bf16 optimizer under ZeRO-0: each parameter has an ``_hp_mapping`` whose
+- bf16 ZeRO-0 (DeepSpeed's ``FP16_UnfusedOptimizer`` in bf16): a full fp32 copy of every parameter in
+  ``optimizer.fp32_groups``, replicated like the module (looked up by position at each use, so a
+  checkpoint load that refills those tensors is followed);
+- ZeRO-1/2 and DeepSpeed's ``BF16_Optimizer``: each parameter has an ``_hp_mapping`` whose
   fp32 fragment (a contiguous piece of the flattened parameter, on one data-parallel rank) is updated
   locally; the full shadow is made whole by :meth:`EMA.sync` (one all-reduce over the data-parallel
   group, only before a save or a swap, never per step);
@@ -80,6 +83,24 @@ def _master(param: torch.Tensor):
     return mapping.hp_fragment, mapping.lp_fragment_address.start
 
 
+def _unfused_masters(engine) -> Dict[int, tuple]:
+    """id(module parameter) -> (optimizer, group, index) of its fp32 master under DeepSpeed's
+    ``FP16_UnfusedOptimizer`` (bf16 ZeRO-0), whose parameters carry no ``_hp_mapping``; empty otherwise."""
+    optimizer = getattr(engine, "optimizer", None)
+    low, high = getattr(optimizer, "fp16_groups", None), getattr(optimizer, "fp32_groups", None)
+    if not isinstance(low, list) or not isinstance(high, list) or len(low) != len(high):
+        return {}
+    found = {}
+    for g, (lows, highs) in enumerate(zip(low, high)):
+        if not isinstance(lows, list) or not isinstance(highs, list) or len(lows) != len(highs):
+            return {}  # not the unfused layout (ZeRO-1/2 keep flat groups under these names)
+        for i, (lp, hp) in enumerate(zip(lows, highs)):
+            if not (isinstance(lp, torch.Tensor) and isinstance(hp, torch.Tensor) and lp.shape == hp.shape):
+                return {}
+            found[id(lp)] = (optimizer, g, i)
+    return found
+
+
 class EMA:
     """fp32 shadow of this rank's parameter data; ``update()`` after every applied optimizer step."""
 
@@ -98,6 +119,7 @@ class EMA:
             raise ValueError(f"follow={follow!r}: 'master' (DeepSpeed's fp32 weights) or 'module' (the module's "
                              f"own, possibly bf16, parameters)")
         self.follow = follow
+        self._unfused = _unfused_masters(engine) if follow == "master" else {}
         with torch.no_grad():
             self.shadow: List[torch.Tensor] = [_local_data(p).detach().float().clone()
                                                for _, p in self._named]
@@ -108,10 +130,17 @@ class EMA:
         if follow == "master":  # start from the master too, not from its bf16 rounding
             with torch.no_grad():
                 for shadow, (_, p) in zip(self.shadow, self._named):
-                    master, start = _master(p)
+                    master, start = self._master(p)
                     if isinstance(master, torch.Tensor):
                         shadow.view(-1).narrow(0, start, master.numel()).copy_(master.detach().view(-1))
             self._dirty = self._fragmented
+
+    def _master(self, param: torch.Tensor):
+        where = self._unfused.get(id(param))
+        if where is not None:
+            optimizer, group, index = where
+            return optimizer.fp32_groups[group][index], 0
+        return _master(param)
 
     @property
     def names(self) -> List[str]:
@@ -131,7 +160,7 @@ class EMA:
         """shadow <- d * shadow + (1 - d) * weights with d = current_decay() (local data, no communication)."""
         weight = 1.0 - self.current_decay()
         for shadow, (_, p) in zip(self.shadow, self._named):
-            master, start = _master(p) if self.follow == "master" else (None, 0)
+            master, start = self._master(p) if self.follow == "master" else (None, 0)
             if master is None:
                 shadow.lerp_(_local_data(p).float(), weight)
             elif isinstance(master, torch.Tensor):
