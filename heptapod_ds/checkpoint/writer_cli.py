@@ -199,7 +199,7 @@ def cmd_from_release(args) -> int:
     problems = verify_release(args.release) if (pathlib.Path(args.release) / RELEASE_FILE).is_file() else []
     if problems:
         raise ValueError("release is damaged:\n  - " + "\n  - ".join(problems))
-    cfg, weights = load_release(args.release, stream=True)  # read tensor by tensor, memory-mapped
+    cfg, weights = load_release(args.release, stream=True)  # read tensor by tensor (StreamedWeights)
     tcfg = target_config(cfg, args.tensor, args.pipeline, args.dp, args.zero, args.layer_impl)
     check_out_run(out, cfg, args.force)
     check_free(out, args.force)

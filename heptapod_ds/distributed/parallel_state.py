@@ -93,7 +93,7 @@ def initialize(tensor: int = 1, pipeline: int = 1, backend: str = "auto", seed: 
     mps.initialize_model_parallel(tensor_model_parallel_size=tensor, pipeline_model_parallel_size=pipeline,
                                   distributed_timeout_minutes=timeout_minutes,
                                   create_gloo_process_groups=backend != "gloo")
-    _MEGATRON_GROUPS[:] = [g for g in _live_groups() if all(g is not b for b in before)]
+    _MEGATRON_GROUPS[:] = [g for g in _live_groups() if g not in before]
     _INFO = ParallelInfo(
         rank=dist.get_rank(), world_size=dist.get_world_size(), local_rank=launch.local_rank,
         tp_rank=mps.get_tensor_model_parallel_rank(), tp_size=mps.get_tensor_model_parallel_world_size(),
@@ -105,6 +105,7 @@ def initialize(tensor: int = 1, pipeline: int = 1, backend: str = "auto", seed: 
 
 
 def _live_groups() -> list:
+    """The process groups torch holds now (its registry of groups; a group compares by identity)."""
     from torch.distributed import distributed_c10d
 
     return list(distributed_c10d._world.pg_map) if dist.is_initialized() else []
@@ -118,9 +119,9 @@ def _destroy_megatron_groups() -> None:
     A process that builds one layout after another (the conversion tool's tests, a reshard in-process)
     ended with 800+ threads per rank whose wake-ups took most of a 2-core machine.
     """
-    alive = _live_groups()
+    alive = set(_live_groups())
     for group in _MEGATRON_GROUPS:
-        if any(group is g for g in alive):
+        if group in alive:
             dist.destroy_process_group(group)
     _MEGATRON_GROUPS.clear()
 

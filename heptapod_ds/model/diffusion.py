@@ -101,13 +101,19 @@ class DiffusionLoss(nn.Module):
         self.train_steps = train_steps
         self.batch_mul = batch_mul
         self.net = DenoiserMLP(channels, cond_dim, width, depth)
-        # float64 on the host, not a buffer: a bf16 model (DeepSpeed casts every floating buffer) would
-        # otherwise hold 1 - alpha_bar to bf16's 3 digits and divide by zero near t = 0 when sampling
-        self._alphas_cumprod = cosine_alphas_cumprod(train_steps)
+        # float64, not a buffer: a bf16 model (DeepSpeed casts every floating buffer) would otherwise hold
+        # 1 - alpha_bar to bf16's 3 digits and divide by zero near t = 0 when sampling. One copy per device,
+        # made once, so a training step on a GPU does not copy (and wait for) it from the host.
+        self._alphas_cumprod = {torch.device("cpu"): cosine_alphas_cumprod(train_steps)}
 
     @property
     def alphas_cumprod(self) -> torch.Tensor:
-        return self._alphas_cumprod
+        return self._alphas_cumprod[torch.device("cpu")]
+
+    def _alphas_cumprod_on(self, device: torch.device) -> torch.Tensor:
+        if device not in self._alphas_cumprod:
+            self._alphas_cumprod[device] = self.alphas_cumprod.to(device)
+        return self._alphas_cumprod[device]
 
     def forward(self, target: torch.Tensor, z: torch.Tensor, counts: torch.Tensor,
                 generators: Sequence[Optional[torch.Generator]]) -> torch.Tensor:
@@ -127,7 +133,7 @@ class DiffusionLoss(nn.Module):
         # rows of image i, draw r sit at [offset_i + r * count_i + k]: repeat per image, draw-major
         idx = _repeat_index(counts, mul).to(target.device)
         x0, cond = target[idx].to(dtype), z[idx]
-        abar = self.alphas_cumprod.to(target.device)[t].to(dtype)[:, None]
+        abar = self._alphas_cumprod_on(target.device)[t].to(dtype)[:, None]
         xt = abar.sqrt() * x0 + (1 - abar).sqrt() * noise
         err = (self.net(xt, t, cond).float() - noise.float()).pow(2).mean(dim=-1)  # [S * mul], fp32 in bf16 runs
         per_target = torch.zeros(target.shape[0], dtype=err.dtype, device=err.device)
