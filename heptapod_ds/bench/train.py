@@ -7,6 +7,7 @@ so it is provably the same network. EMA is off in both (the reference has none).
 """
 from __future__ import annotations
 
+import contextlib
 import logging
 import time
 from typing import Dict, List
@@ -28,6 +29,16 @@ def matmul_peak(size: int, repeats: int) -> Dict[str, float]:
         a @ b
         best = min(best, time.perf_counter() - t0)
     return {"size": size, "flops_per_s": 2 * size ** 3 / best}
+
+
+@contextlib.contextmanager
+def _functional_linear(fn):
+    saved = torch.nn.functional.linear
+    torch.nn.functional.linear = fn
+    try:
+        yield
+    finally:
+        torch.nn.functional.linear = saved
 
 
 def bench_config(preset: str, micro_batch: int, zero_stage: int, attention: str = "auto"):
@@ -59,9 +70,14 @@ def run(preset: str, micro_batch: int, repeats: int, peak_size: int) -> List[Dic
     from .reference import plain_reference
 
     engines, first_losses = {}, {}
+    plain_linear = torch.nn.functional.linear
     for stage in (0, 3):
         cfg = bench_config(preset, micro_batch, stage)
         engines[stage], _, _ = build_engine(cfg, lambda cfg=cfg: build_model(cfg))
+    # zero.Init replaces torch.nn.functional.linear for the rest of the process (DeepSpeed's
+    # memory_efficient_linear); each variant runs with what it would have in its own process.
+    linear = {"reference": plain_linear, 0: plain_linear, 3: torch.nn.functional.linear}
+    torch.nn.functional.linear = plain_linear
     cfg = bench_config(preset, micro_batch, 0)
     tokens, labels, seeds = _batch(cfg, micro_batch)
     ref = plain_reference(engines[0].module)
@@ -70,7 +86,8 @@ def run(preset: str, micro_batch: int, repeats: int, peak_size: int) -> List[Dic
     with torch.no_grad():
         first_losses["reference"] = float(ref(tokens, labels, sample_seeds=seeds)[0])
         for stage, engine in engines.items():
-            first_losses[f"zero{stage}"] = float(engine(tokens, labels, sample_seeds=seeds)[0])
+            with _functional_linear(linear[stage]):
+                first_losses[f"zero{stage}"] = float(engine(tokens, labels, sample_seeds=seeds)[0])
     for name in ("zero0", "zero3"):
         diff = abs(first_losses[name] - first_losses["reference"])
         if diff > 1e-5 * max(1.0, abs(first_losses["reference"])):
@@ -80,8 +97,9 @@ def run(preset: str, micro_batch: int, repeats: int, peak_size: int) -> List[Dic
 
     def full_step(stage):
         def step():
-            train_step(engines[stage], [(tokens, labels, seeds)],
-                       lambda eng, mb: eng(mb[0], mb[1], sample_seeds=mb[2])[0], guards[stage])
+            with _functional_linear(linear[stage]):
+                train_step(engines[stage], [(tokens, labels, seeds)],
+                           lambda eng, mb: eng(mb[0], mb[1], sample_seeds=mb[2])[0], guards[stage])
         return step
 
     def ref_step():

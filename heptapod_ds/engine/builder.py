@@ -92,6 +92,11 @@ def build_engine(cfg, model_builder: Callable[[], nn.Module], ds_config=None) ->
     engine, ds_optimizer, _, ds_scheduler = deepspeed.initialize(
         model=model, optimizer=optimizer, lr_scheduler=scheduler, config=ds, mpu=mpu,
         dist_init_required=False)
+    if stage == 0 and info.dp_size == 1:
+        # One data-parallel rank has nothing to reduce, but DeepSpeed's ZeRO-0 path would still flatten every
+        # gradient into one buffer, scale it, "all-reduce" it over the one-rank group and copy it back:
+        # four passes over the gradients per step (about 5% of a small model's CPU step).
+        engine.enable_backward_allreduce = False
     if info.pp_size > 1:
         from .step import check_pipeline_engine
         check_pipeline_engine(engine)
