@@ -16,7 +16,7 @@ pytestmark = pytest.mark.slow
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 TRAIN = os.path.join(REPO, "heptapod_ds", "train.py")
-BASE = ["train.micro_batch_size=32", "train.steps=2"]  # 2 ranks x 32 = the tiny preset's global batch of 64
+BASE = ["train.micro_batch_size=32", "train.global_batch_size=64", "train.steps=2"]  # 2 ranks x 32
 
 
 def _run(run_dir, *args):
