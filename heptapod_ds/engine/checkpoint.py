@@ -64,9 +64,11 @@ IDENTITY_FIELDS = (
     ["preset"]
     + [f"tokenizer.{k}" for k in ("name", "image_size", "stride", "channels", "vocab_size", "scale_factor")]
     + [f"backbone.{k}" for k in ("depth", "width", "num_heads", "mlp_ratio", "pos_embed", "num_classes")]
-    + [f"head.{k}" for k in ("type", "depth", "width", "num_heads", "mlp_ratio")]
+    + [f"head.{k}" for k in ("type", "depth", "width", "num_heads", "mlp_ratio", "pos_embed")]
     + [f"diffusion.{k}" for k in ("depth", "width")]
 )
+# Identity fields added after checkpoints were written without them: the value those checkpoints had.
+FIELDS_ADDED_LATER = {"head.pos_embed": "learned"}
 LAYOUT_FIELDS = ("tensor", "pipeline", "dp", "zero_stage", "pipeline_split")
 
 
@@ -81,7 +83,7 @@ class CheckpointWriteError(RuntimeError):
 def _get(d: Dict[str, Any], dotted: str) -> Any:
     for part in dotted.split("."):
         d = d.get(part, {}) if isinstance(d, dict) else {}
-    return d if d != {} else None
+    return d if d != {} else FIELDS_ADDED_LATER.get(dotted)
 
 
 def rng_state() -> Dict[str, Any]:

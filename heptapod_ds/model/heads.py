@@ -2,8 +2,9 @@
 
 Both heads are MAE-decoder style: for a timestep t of image b they take N + 1 slots
 ``[o_0, ..., o_t, m, ..., m]`` (backbone outputs of the visible prefix projected to the head width,
-a learned mask token ``m`` at every remaining position), add 2D position embeddings, and run a
-stack of megatron TransformerLayers. The output at slot j > t is the condition ``z_{t,j}`` of token
+a learned mask token ``m`` at every remaining position), add 2D position information (a learned
+table added to the input, or 2D rotary angles in attention: ``head.pos_embed``), and run a stack of
+megatron TransformerLayers. The output at slot j > t is the condition ``z_{t,j}`` of token
 ``x_j``. Only prefix slots carry image content, so ``z_{t,j}`` depends on ``x_1..x_t`` alone.
 
 * global: every slot attends to every slot (bidirectional, no mask).
@@ -22,7 +23,7 @@ from megatron.core.transformer.enums import AttnMaskType
 from torch import nn
 
 from .layers import build_stack, make_transformer_config
-from .positions import LearnedPosition2D
+from .positions import LearnedPosition2D, rope2d_freqs
 
 
 def local_attention_mask(timesteps: torch.Tensor, num_slots: int, window: int) -> torch.Tensor:
@@ -48,7 +49,12 @@ class GridHead(nn.Module):
         self.input_proj = nn.Linear(cfg.backbone.width, head.width)
         self.mask_token = nn.Parameter(torch.empty(head.width))
         nn.init.normal_(self.mask_token, std=0.02)
-        self.pos_embed = LearnedPosition2D(tok.grid_size, head.width)
+        self.use_rope = head.pos_embed == "rope2d"
+        if self.use_rope:
+            freqs = rope2d_freqs(tok.grid_size, head.width // head.num_heads, cfg.backbone.rope_theta)
+            self.register_buffer("rope_freqs", freqs, persistent=False)
+        else:
+            self.pos_embed = LearnedPosition2D(tok.grid_size, head.width)
         self.config = make_transformer_config(depth=head.depth, width=head.width, num_heads=head.num_heads,
                                               mlp_ratio=head.mlp_ratio, dropout=cfg.backbone.dropout,
                                               norm_eps=cfg.backbone.norm_eps, tensor_parallel=tensor_parallel)
@@ -67,11 +73,12 @@ class GridHead(nn.Module):
             raise ValueError(f"timestep {int(timesteps.max())} needs backbone outputs o_0..o_t, "
                              f"only {n} given.")
         x = self.embed(prefix, timesteps)
-        out = self.decoder(hidden_states=x, attention_mask=self.attention_mask(timesteps))
+        out = self.decoder(hidden_states=x, attention_mask=self.attention_mask(timesteps),
+                           rotary_pos_emb=self.rotary())
         return out.transpose(0, 1).reshape(b, timesteps.shape[1], self.num_slots, -1)
 
     def embed(self, prefix: torch.Tensor, timesteps: torch.Tensor) -> torch.Tensor:
-        """The head's input: ``[o_0..o_t, m, ..., m]`` + 2D positions per (image, timestep), in megatron
+        """The head's input: ``[o_0..o_t, m, ..., m]`` (+ learned 2D positions) per (image, timestep), in megatron
         layout ``[N + 1, B * T, W_head]`` (sequence b * T + k is image b at its k-th timestep)."""
         b, n, _ = prefix.shape
         num_t = timesteps.shape[1]
@@ -80,8 +87,13 @@ class GridHead(nn.Module):
         slots = torch.arange(self.num_slots, device=prefix.device)
         visible = slots[None, None, :, None] <= timesteps[:, :, None, None]  # [B, T, S, 1]
         x = torch.where(visible, proj[:, None], self.mask_token)            # [B, T, S, Wh]
-        x = x + self.pos_embed(0, self.num_slots)
+        if not self.use_rope:
+            x = x + self.pos_embed(0, self.num_slots)
         return x.reshape(b * num_t, self.num_slots, -1).transpose(0, 1).contiguous()
+
+    def rotary(self) -> Optional[torch.Tensor]:
+        """Rotary angles of the N + 1 slots for every head layer (None with learned positions)."""
+        return self.rope_freqs if self.use_rope else None
 
     def attention_mask(self, timesteps: torch.Tensor) -> Optional[torch.Tensor]:
         """None for the global head; the local head's window mask per (image, timestep)."""

@@ -95,7 +95,8 @@ def pipelined_generate(stage, labels: torch.Tensor, seeds: torch.Tensor, tempera
             if head_layers:
                 mask = model.head.attention_mask(steps)
                 for j in head_layers:
-                    h, _ = model.head.decoder.layers[str(j)](hidden_states=h, attention_mask=mask)
+                    h, _ = model.head.decoder.layers[str(j)](hidden_states=h, attention_mask=mask,
+                                                             rotary_pos_emb=model.head.rotary())
                 if model.head.decoder.final_layernorm is not None:
                     h = model.head.decoder.final_layernorm(h)
             # --- the last stage draws x_{t+1}; every stage learns it

@@ -38,7 +38,9 @@ def _module_paths(stage: Stage, model) -> List[str]:
         elif link.startswith("backbone."):
             paths.append(f"backbone.decoder.layers.{link.split('.')[1]}")
         elif link == "head_input":
-            paths += ["head.input_proj", "head.mask_token", "head.pos_embed"]
+            paths += ["head.input_proj", "head.mask_token"]
+            if not model.head.use_rope:
+                paths.append("head.pos_embed")
         elif link.startswith("head."):
             paths.append(f"head.decoder.layers.{link.split('.')[1]}")
         elif link == "output":
@@ -63,7 +65,8 @@ def prune(model, split: PipelineSplit, stage: int) -> None:
                 setattr(model.backbone, attr, None)
     if model.head is not None and not spec.has("head_input"):
         model.head.input_proj = None
-        model.head.pos_embed = None
+        if not model.head.use_rope:
+            model.head.pos_embed = None
         model.head.mask_token = None
     if not spec.has("output"):
         model.output = None
@@ -181,7 +184,8 @@ class PipelineStage(nn.Module):
         if head_layers:
             mask = model.head.attention_mask(draws.plan.timesteps)
             for j in head_layers:
-                h, _ = model.head.decoder.layers[str(j)](hidden_states=h, attention_mask=mask)
+                h, _ = model.head.decoder.layers[str(j)](hidden_states=h, attention_mask=mask,
+                                                         rotary_pos_emb=model.head.rotary())
             if model.head.decoder.final_layernorm is not None:
                 h = model.head.decoder.final_layernorm(h)
         if "output" in links:

@@ -37,6 +37,17 @@ def test_other_preset_and_layout_are_refused(single_rank, tmp_path):
     manager.check_compatible(_meta(_cfg(tmp_path, "train.steps=7")), tmp_path)  # training length may change
 
 
+def test_head_positions_are_identity_and_older_checkpoints_held_the_learned_table(single_rank, tmp_path):
+    manager = CheckpointManager(_cfg(tmp_path))
+    with pytest.raises(CheckpointMismatch, match="head.pos_embed: checkpoint 'rope2d', this run 'learned'"):
+        manager.check_compatible(_meta(_cfg(tmp_path, "head.pos_embed=rope2d")), tmp_path)
+    older = _meta(_cfg(tmp_path))
+    del older["config"]["head"]["pos_embed"]  # written before the field existed
+    manager.check_compatible(older, tmp_path)
+    with pytest.raises(CheckpointMismatch, match="head.pos_embed: checkpoint 'learned', this run 'rope2d'"):
+        CheckpointManager(_cfg(tmp_path, "head.pos_embed=rope2d")).check_compatible(older, tmp_path)
+
+
 def test_discovery_ignores_incomplete_and_staging_dirs(tmp_path):
     cfg = load_config(overrides=[f"run_dir={tmp_path}"], world_size=1)
     root = tmp_path / "checkpoints"

@@ -74,3 +74,11 @@ def test_config_refuses_rope2d_head_dim_not_multiple_of_4():
     with pytest.raises(ConfigError, match="divisible by 4"):
         load_config(overrides=["backbone.width=24", "backbone.num_heads=4"], world_size=1)
     load_config(overrides=["backbone.width=24", "backbone.num_heads=4", "backbone.pos_embed=learned"], world_size=1)
+
+
+def test_config_refuses_rope2d_head_positions_with_head_dim_not_multiple_of_4():
+    from heptapod_ds.config.loader import ConfigError, load_config
+
+    with pytest.raises(ConfigError, match="head.pos_embed=rope2d needs"):
+        load_config(overrides=["head.width=24", "head.num_heads=4", "head.pos_embed=rope2d"], world_size=1)
+    load_config(overrides=["head.width=24", "head.num_heads=4"], world_size=1)  # learned: any head dimension

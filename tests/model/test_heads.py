@@ -1,4 +1,5 @@
-"""Heads: no leakage from tokens after t, supervision draws, per-sample seeding of the loss."""
+"""Heads: no leakage from tokens after t (learned or rotary head positions), supervision draws, per-sample
+seeding of the loss."""
 import pytest
 import torch
 
@@ -18,9 +19,10 @@ def _conditions(model, tokens, labels, t):
 
 
 @pytest.mark.parametrize("kind", TOKEN_KINDS)
-@pytest.mark.parametrize("head", HEAD_TYPES)
-def test_prediction_at_t_ignores_tokens_after_t(tiny_model, kind, head):
-    cfg, model = tiny_model(kind, head)
+@pytest.mark.parametrize("head,pos_embed", [(h, "learned") for h in HEAD_TYPES]
+                         + [("global", "rope2d"), ("local", "rope2d")])
+def test_prediction_at_t_ignores_tokens_after_t(tiny_model, kind, head, pos_embed):
+    cfg, model = tiny_model(kind, head, **{"head.pos_embed": pos_embed})
     g = torch.Generator().manual_seed(2)
     labels = torch.tensor([3, 7])
     for t in (0, 9, 40, cfg.tokenizer.num_tokens - 1):
@@ -112,3 +114,19 @@ def test_no_weight_decay_names_exist(tiny_model):
     assert names <= set(params)
     assert {"backbone.class_embed.weight", "backbone.token_embed.weight", "head.mask_token",
             "head.pos_embed.row_embed", "backbone.pos_embed.col_embed"} <= names
+
+
+def test_rope_head_has_rotary_angles_and_no_position_table(tiny_model):
+    from heptapod_ds.model.positions import rope2d_freqs
+
+    cfg, model = tiny_model("discrete", "local", **{"head.pos_embed": "rope2d"})
+    assert not any(".pos_embed." in n for n, _ in model.head.named_parameters())
+    head_dim = cfg.head.width // cfg.head.num_heads
+    assert torch.equal(model.head.rotary(), rope2d_freqs(cfg.tokenizer.grid_size, head_dim, cfg.backbone.rope_theta))
+    # the angles reach the head's attention: rotating by zero (no positions) changes the conditions
+    tokens = random_tokens("discrete", 2, cfg, torch.Generator().manual_seed(4))
+    o = model.backbone(torch.tensor([1, 2]), tokens[:, :-1])
+    steps = torch.tensor([[5], [20]])
+    with_rope = model.head(o, steps)
+    model.head.rope_freqs.zero_()
+    assert not torch.allclose(model.head(o, steps), with_rope, atol=1e-4)

@@ -12,9 +12,9 @@ def _seeds(n, seed=0):
     return image_seeds(seed, range(n))
 
 
-@pytest.mark.parametrize("head", HEAD_TYPES)
-def test_kv_cache_matches_recompute_discrete(tiny_model, head):
-    cfg, model = tiny_model("discrete", head)
+@pytest.mark.parametrize("head,pos_embed", [(h, "learned") for h in HEAD_TYPES] + [("local", "rope2d")])
+def test_kv_cache_matches_recompute_discrete(tiny_model, head, pos_embed):
+    cfg, model = tiny_model("discrete", head, **{"head.pos_embed": pos_embed})
     labels = torch.tensor([0, 4, 9])
     cached = model.generate(labels, _seeds(3, 5), temperature=1.0, top_k=8)
     full = model.generate(labels, _seeds(3, 5), temperature=1.0, top_k=8, use_kv_cache=False)
