@@ -284,14 +284,12 @@ def validate(cfg: HeptapodConfig, world_size: Optional[int] = None) -> HeptapodC
     if not 0.0 <= cfg.train.ema_decay < 1.0:
         err(f"train.ema_decay={cfg.train.ema_decay} must be in [0, 1) (0 disables the EMA).")
 
-    if bb.pos_embed == "rope2d" and bb.width % bb.num_heads == 0 and (bb.width // bb.num_heads) % 4:
-        err(f"backbone.pos_embed=rope2d needs a head dimension (width / num_heads = {bb.width // bb.num_heads}) "
-            f"divisible by 4 (a quarter each for row and column pairs); change the sizes or use pos_embed=learned.")
-    hd = cfg.head
-    if (hd.type != "next" and hd.pos_embed == "rope2d" and hd.width % hd.num_heads == 0
-            and (hd.width // hd.num_heads) % 4):
-        err(f"head.pos_embed=rope2d needs a head dimension (head.width / head.num_heads = "
-            f"{hd.width // hd.num_heads}) divisible by 4; change the head sizes or use head.pos_embed=learned.")
+    rotary = [("backbone", bb)] + ([("head", cfg.head)] if cfg.head.type != "next" else [])
+    for name, part in rotary:
+        if part.pos_embed == "rope2d" and part.width % part.num_heads == 0 and (part.width // part.num_heads) % 4:
+            err(f"{name}.pos_embed=rope2d needs a head dimension ({name}.width / {name}.num_heads = "
+                f"{part.width // part.num_heads}) divisible by 4 (a quarter each for row and column pairs); change "
+                f"the sizes or use {name}.pos_embed=learned.")
     if bb.attention == "te" and bb.transformer_impl == "local":
         err("backbone.attention=te needs TransformerEngine layers but backbone.transformer_impl=local; use "
             "transformer_impl=auto/transformer_engine (GPU with transformer_engine) or attention=sdpa.")

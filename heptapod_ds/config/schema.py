@@ -76,9 +76,10 @@ class HeadConfig:
     timesteps: int = F(4, "T: timesteps per image at which the head is run in training.")
     supervised: int = F(8, "K: supervised positions per timestep among the remaining ones (0 = all).")
     window: int = F(16, "W: window of the local head, in positions after t.")
-    pos_embed: str = F("learned", "Position information of the head: learned (an additive 2D table, as in MAE/MAR "
-                       "decoders) or rope2d (2D rotary angles in the head's attention, base backbone.rope_theta: attention "
-                       "sees relative offsets, so a masked slot finds its prefix neighbours from the first step).")
+    pos_embed: str = F("learned", "Position information of the head: learned (an additive 2D table, as in "
+                       "MAE/MAR decoders) or rope2d (2D rotary angles in the head's attention, base "
+                       "backbone.rope_theta: attention sees relative offsets, so a masked slot finds its prefix "
+                       "neighbours from the first step).")
 
 
 @dataclass

@@ -78,8 +78,8 @@ class GridHead(nn.Module):
         return out.transpose(0, 1).reshape(b, timesteps.shape[1], self.num_slots, -1)
 
     def embed(self, prefix: torch.Tensor, timesteps: torch.Tensor) -> torch.Tensor:
-        """The head's input: ``[o_0..o_t, m, ..., m]`` (+ learned 2D positions) per (image, timestep), in megatron
-        layout ``[N + 1, B * T, W_head]`` (sequence b * T + k is image b at its k-th timestep)."""
+        """The head's input: ``[o_0..o_t, m, ..., m]`` (+ learned 2D positions) per (image, timestep), in
+        megatron layout ``[N + 1, B * T, W_head]`` (sequence b * T + k is image b at its k-th timestep)."""
         b, n, _ = prefix.shape
         num_t = timesteps.shape[1]
         proj = self.input_proj(prefix)                                     # [B, n, Wh]

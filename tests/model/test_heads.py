@@ -122,7 +122,8 @@ def test_rope_head_has_rotary_angles_and_no_position_table(tiny_model):
     cfg, model = tiny_model("discrete", "local", **{"head.pos_embed": "rope2d"})
     assert not any(".pos_embed." in n for n, _ in model.head.named_parameters())
     head_dim = cfg.head.width // cfg.head.num_heads
-    assert torch.equal(model.head.rotary(), rope2d_freqs(cfg.tokenizer.grid_size, head_dim, cfg.backbone.rope_theta))
+    expected = rope2d_freqs(cfg.tokenizer.grid_size, head_dim, cfg.backbone.rope_theta)
+    assert torch.equal(model.head.rotary(), expected)
     # the angles reach the head's attention: rotating by zero (no positions) changes the conditions
     tokens = random_tokens("discrete", 2, cfg, torch.Generator().manual_seed(4))
     o = model.backbone(torch.tensor([1, 2]), tokens[:, :-1])

@@ -20,7 +20,8 @@ def small_overrides(kind: str, head: str):
     rotary angles, the global head with the learned table: every layout runs both kinds of head positions."""
     tok = ["tokenizer.name=pixel"] if kind == "discrete" else ["tokenizer.name=patch", "tokenizer.channels=1"]
     pos = "rope2d" if head == "local" else "learned"
-    return tok + [f"head.type={head}", f"head.pos_embed={pos}", "head.window=6", "head.timesteps=2", "head.supervised=4",
+    return tok + [f"head.type={head}", f"head.pos_embed={pos}", "head.window=6", "head.timesteps=2",
+                  "head.supervised=4",
                   "backbone.depth=3", "backbone.width=32", "backbone.num_heads=4", "backbone.class_dropout=0.2",
                   "head.depth=3", "head.width=32", "head.num_heads=4",
                   "diffusion.depth=2", "diffusion.width=32", "diffusion.batch_mul=2", "diffusion.sample_steps=5",
