@@ -45,8 +45,26 @@ def sample_logits(logits: torch.Tensor, temperature: float, top_k: int,
     if 0 < top_k < logits.shape[-1]:
         kth = logits.topk(top_k, dim=-1).values[..., -1:]
         logits = logits.masked_fill(logits < kth, float("-inf"))
-    probs = torch.softmax(logits, dim=-1).cpu()
+    probs = torch.softmax(logits, dim=-1)
+    if device.type != "cpu":
+        return _sample_on_device(probs, generators)
     if generators is None:
-        return torch.multinomial(probs, 1).squeeze(-1).to(device)
+        return torch.multinomial(probs, 1).squeeze(-1)
     rows = [torch.multinomial(probs[i], 1, generator=g) for i, g in enumerate(generators)]
-    return torch.cat(rows).to(device) if rows else torch.zeros(0, dtype=torch.long, device=device)
+    return torch.cat(rows) if rows else torch.zeros(0, dtype=torch.long)
+
+
+def _sample_on_device(probs: torch.Tensor, generators: Optional[Sequence[torch.Generator]]) -> torch.Tensor:
+    """Inverse-CDF draws on the probabilities' device: one uniform per row from the row's generator,
+    sent to the device (host to device only, no round trip), searched in the row's cumulative sum.
+
+    Rows keep their own generators (a row's draw does not depend on its batch-mates), but the draws differ
+    from the CPU path's ``multinomial``: CPU runs keep that, and their samples, unchanged."""
+    if generators is None:
+        return torch.multinomial(probs, 1).squeeze(-1)  # torch's device RNG, no host step either
+    u = torch.cat([torch.rand(1, dtype=torch.float64, generator=g) for g in generators]) if generators \
+        else torch.zeros(0, dtype=torch.float64)
+    cdf = probs.double().cumsum(dim=-1)
+    target = u.to(probs.device, non_blocking=True)[:, None] * cdf[:, -1:]
+    idx = torch.searchsorted(cdf, target, right=True).squeeze(-1)
+    return idx.clamp_(max=probs.shape[-1] - 1)

@@ -10,12 +10,15 @@ The MLP is replicated across tensor-parallel ranks (its inputs are identical on 
 from __future__ import annotations
 
 import math
-from typing import Optional, Sequence
+from typing import TYPE_CHECKING, Sequence
 
 import torch
 from torch import nn
 
 from .init import editable
+
+if TYPE_CHECKING:
+    from .draws import DiffusionNoise
 
 
 def cosine_alphas_cumprod(steps: int, s: float = 0.008, max_beta: float = 0.999) -> torch.Tensor:
@@ -115,23 +118,17 @@ class DiffusionLoss(nn.Module):
             self._alphas_cumprod[device] = self.alphas_cumprod.to(device)
         return self._alphas_cumprod[device]
 
-    def forward(self, target: torch.Tensor, z: torch.Tensor, counts: torch.Tensor,
-                generators: Sequence[Optional[torch.Generator]]) -> torch.Tensor:
+    def forward(self, target: torch.Tensor, z: torch.Tensor, draws: "DiffusionNoise") -> torch.Tensor:
         """Per-target loss [S] (mean over ``batch_mul`` draws and channels).
 
-        ``target`` [S, C] and ``z`` [S, D] are grouped by image: ``counts[i]`` rows belong to image i,
-        whose diffusion times and noise come from ``generators[i]``.
+        ``target`` [S, C] and ``z`` [S, D] are grouped by image; ``draws`` (on their device) holds the
+        diffusion level, noise and target row of each of the ``S * batch_mul`` noised copies, drawn ahead
+        from the per-image generators (:func:`heptapod_ds.model.draws.draw_diffusion`).
         """
         mul = self.batch_mul
-        times, noises = [], []
-        for gen, count in zip(generators, counts.tolist()):
-            times.append(torch.randint(0, self.train_steps, (count * mul,), generator=gen))
-            noises.append(torch.randn(count * mul, self.channels, generator=gen))
         dtype = torch.promote_types(target.dtype, torch.float32)  # fp32 noising even in a bf16 run
-        t = torch.cat(times).to(target.device)
-        noise = torch.cat(noises).to(device=target.device, dtype=dtype)
-        # rows of image i, draw r sit at [offset_i + r * count_i + k]: repeat per image, draw-major
-        idx = _repeat_index(counts, mul).to(target.device)
+        t, idx = draws.times, draws.index
+        noise = draws.noise.to(dtype)
         x0, cond = target[idx].to(dtype), z[idx]
         abar = self._alphas_cumprod_on(target.device)[t].to(dtype)[:, None]
         xt = abar.sqrt() * x0 + (1 - abar).sqrt() * noise
@@ -156,35 +153,39 @@ class DiffusionLoss(nn.Module):
             raise ValueError(f"need one generator per row: {len(generators)} generators for {z.shape[0]} rows.")
         levels = torch.linspace(0, self.train_steps - 1, num_steps, dtype=torch.float64).round().long()
         abar = self.alphas_cumprod[levels]
-        abar_prev = torch.cat([torch.ones(1, dtype=abar.dtype, device=abar.device), abar[:-1]])
+        abar_prev = torch.cat([torch.ones(1, dtype=abar.dtype), abar[:-1]])
         betas = 1 - abar / abar_prev
-
-        def noise() -> torch.Tensor:
-            rows = [torch.randn(self.channels, generator=g) for g in generators]
-            out = torch.stack(rows) if rows else torch.zeros(0, self.channels)
-            return out.to(device=z.device, dtype=torch.float32)
-
-        x = noise()
-        for i in reversed(range(num_steps)):
-            t = torch.full((z.shape[0],), int(levels[i]), dtype=torch.long, device=z.device)
+        # host values of the schedule: the chain's coefficients never come from the device
+        levels, abar, abar_prev, betas = (v.tolist() for v in (levels, abar, abar_prev, betas))
+        noise = chain_noise(generators, num_steps, self.channels).to(device=z.device, dtype=torch.float32,
+                                                                     non_blocking=True)
+        x = noise[:, 0]
+        for k, i in enumerate(reversed(range(num_steps))):
+            t = torch.full((z.shape[0],), levels[i], dtype=torch.long, device=z.device)
             eps = self.net(x, t, z).float()
-            a, ap, b = abar[i].item(), abar_prev[i].item(), betas[i].item()
+            a, ap, b = abar[i], abar_prev[i], betas[i]
             x0 = (x - math.sqrt(1 - a) * eps) / math.sqrt(a)
             mean = (b * math.sqrt(ap) / (1 - a)) * x0 + ((1 - ap) * math.sqrt(1 - b) / (1 - a)) * x
             if i > 0:
-                x = mean + math.sqrt(b * (1 - ap) / (1 - a)) * temperature * noise()
+                x = mean + math.sqrt(b * (1 - ap) / (1 - a)) * temperature * noise[:, k + 1]
             else:
                 x = mean
         return x
 
 
-def _repeat_index(counts: torch.Tensor, mul: int) -> torch.Tensor:
-    """Row indices that repeat each image's rows ``mul`` times, image by image (vectorised)."""
-    counts = counts.to(torch.long)
-    if counts.numel() == 0 or int(counts.sum()) == 0:
-        return torch.zeros(0, dtype=torch.long)
-    offsets = torch.cumsum(counts, 0) - counts                  # first row of each image
-    block = counts * mul                                         # repeated rows of each image
-    image = torch.repeat_interleave(torch.arange(len(counts)), block)
-    within = torch.arange(int(block.sum())) - (torch.cumsum(block, 0) - block)[image]
-    return offsets[image] + within % counts[image]
+def chain_noise(generators: Sequence[torch.Generator], num_steps: int, channels: int) -> torch.Tensor:
+    """All noise of one token's DDPM chain, ``[B, num_steps, C]`` on the host: row i's start noise and
+    the noise of each later step, in that order, from ``generators[i]``.
+
+    One ``randn`` per row when ``channels`` is a multiple of 16: torch's CPU normal sampler then fills
+    16-value blocks independently, so one call of ``num_steps * C`` values equals ``num_steps`` calls of
+    ``C`` (the draws of the step-by-step chain, bit for bit). Other widths take one call per step, since
+    there the sampler's tail handling makes one long call differ from several short ones.
+    """
+    if not generators:
+        return torch.zeros(0, num_steps, channels)
+    if channels % 16 == 0:
+        rows = [torch.randn(num_steps, channels, generator=g) for g in generators]
+    else:
+        rows = [torch.stack([torch.randn(channels, generator=g) for _ in range(num_steps)]) for g in generators]
+    return torch.stack(rows)

@@ -69,7 +69,8 @@ class GridHead(nn.Module):
         b, n, _ = prefix.shape
         if timesteps.dim() != 2 or timesteps.shape[0] != b:
             raise ValueError(f"timesteps must be [B={b}, T], got {tuple(timesteps.shape)}.")
-        if int(timesteps.max()) >= n:
+        if timesteps.device.type == "cpu" and timesteps.numel() and int(timesteps.max()) >= n:
+            # host timesteps only: on a device the plan is drawn (and bounded) on the host beforehand
             raise ValueError(f"timestep {int(timesteps.max())} needs backbone outputs o_0..o_t, "
                              f"only {n} given.")
         x = self.embed(prefix, timesteps)

@@ -11,27 +11,20 @@ ZeRO-3 rule kept here: every parameter is used only inside the forward of the mo
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+import contextlib
+from collections.abc import Mapping
 from typing import Dict, Optional, Set, Tuple
 
 import torch
 from torch import nn
 
-from .backbone import CausalBackbone
 from heptapod_ds.sampling.seeds import generators
 
+from .backbone import CausalBackbone
 from .categorical import CategoricalOutput, sample_logits
 from .diffusion import DiffusionLoss
+from .draws import Draws, draw_batch
 from .heads import GridHead
-from .supervision import SupervisionPlan, draw_plan, next_token_plan
-
-
-@dataclass
-class Draws:
-    """A batch's random draws made before the network runs (see HeptapodModel.draw_randomness)."""
-    labels: torch.Tensor          # labels after class dropout
-    plan: SupervisionPlan
-    generators: list              # per-sample generators, positioned for the diffusion noise
 
 
 class HeptapodModel(nn.Module):
@@ -61,16 +54,22 @@ class HeptapodModel(nn.Module):
 
     # ------------------------------------------------------------------ training
 
-    def forward(self, tokens: torch.Tensor, labels: torch.Tensor,
-                sample_seeds: Optional[torch.Tensor] = None) -> Tuple[torch.Tensor, Dict[str, float]]:
+    def forward(self, tokens: torch.Tensor, labels: torch.Tensor, sample_seeds: Optional[torch.Tensor] = None,
+                draws: Optional[Draws] = None) -> Tuple[torch.Tensor, "Stats"]:
         """Loss = mean over images of the mean loss of each image's supervised targets.
 
         Weighting every image equally keeps the loss of a sample independent of its micro-batch, so
         data-parallel averaging over equal micro-batches equals the loss of the whole batch.
+
+        ``draws``: the micro-batch's random draws made ahead on the host (:func:`.draws.draw_batch`) and
+        moved to the tokens' device, as the trainer does; without them they are drawn here from
+        ``sample_seeds`` (a convenience for tests and tools: it reads the seeds on the host). Nothing in
+        here reads a device value on the host.
         """
-        self._check_inputs(tokens, labels, sample_seeds)
-        draws = self.draw_randomness(tokens, labels, sample_seeds)
-        o = self.backbone(draws.labels, tokens[:, :self.num_tokens - 1])          # [B, N, Wb]
+        self._check_inputs(tokens, labels, sample_seeds, draws)
+        if draws is None:
+            draws = self.draw_randomness(tokens, labels, sample_seeds)
+        o = self.backbone(draws.labels(labels, self.num_classes), tokens[:, :self.num_tokens - 1])  # [B, N, Wb]
         if self.head is None:
             return self.loss_from_features(o.transpose(0, 1), tokens, draws)
         out = self.head(o, draws.plan.timesteps)                                   # [B, T, N+1, Wh]
@@ -78,22 +77,15 @@ class HeptapodModel(nn.Module):
                                        tokens, draws)
 
     def draw_randomness(self, tokens: torch.Tensor, labels: torch.Tensor,
-                        sample_seeds: Optional[torch.Tensor]) -> "Draws":
-        """Label dropout and supervision plan of a batch, drawn from the per-sample generators in a
-        fixed order; the generators are left where the diffusion noise continues. Every pipeline stage
-        calls this, so all stages agree on labels, plan and noise without communicating."""
-        batch = tokens.shape[0]
-        gens = _generators(sample_seeds, batch)
-        labels = self._drop_labels(labels, gens)
-        if self.head_type == "next":
-            plan = next_token_plan(batch, self.num_tokens)
-        else:
-            h = self.cfg.head
-            plan = draw_plan(gens, self.num_tokens, h.timesteps, h.supervised, self.window)
-        return Draws(labels=labels, plan=_to(plan, tokens.device), generators=gens)
+                        sample_seeds: Optional[torch.Tensor]) -> Draws:
+        """The draws of a batch from its seeds (:func:`.draws.draw_batch`), on the tokens' device.
+        Every pipeline stage gets the same draws, so all stages agree on labels, plan and noise without
+        communicating."""
+        seeds = None if sample_seeds is None else sample_seeds.cpu()
+        return draw_batch(self.cfg, tokens.shape[0], seeds, training=self.training).to(tokens.device)
 
     def loss_from_features(self, features: torch.Tensor, tokens: torch.Tensor,
-                           draws: "Draws") -> Tuple[torch.Tensor, Dict[str, float]]:
+                           draws: Draws) -> Tuple[torch.Tensor, "Stats"]:
         """The loss from the last features in megatron layout: the backbone's ``[N, B, Wb]`` (next head)
         or the head's ``[N + 1, B * T, Wh]``. Mean over images of each image's mean target loss."""
         plan, batch = draws.plan, tokens.shape[0]
@@ -105,36 +97,36 @@ class HeptapodModel(nn.Module):
         if self.discrete:
             per_target = nn.functional.cross_entropy(self.output(z).float(), target, reduction="none")
         else:
-            per_target = self.output(target, z, plan.counts, draws.generators)
+            per_target = self.output(target, z, draws.diffusion_on(tokens.device, self.cfg))
         weight = 1.0 / (plan.counts.to(per_target.dtype)[plan.sample] * batch)
         loss = (per_target * weight).sum()
-        stats = {"loss": float(loss.detach()), "supervised_per_image": float(plan.counts.float().mean())}
-        return loss, stats
+        return loss, Stats(loss=loss.detach(), supervised_per_image=plan.counts.float().mean())
 
-    def _drop_labels(self, labels: torch.Tensor, gens) -> torch.Tensor:
-        p = self.cfg.backbone.class_dropout
-        if p <= 0 or not self.training:
-            return labels
-        u = torch.cat([torch.rand(1, generator=g) for g in gens]).to(labels.device)
-        return torch.where(u < p, torch.full_like(labels, self.num_classes), labels)
-
-    def _check_inputs(self, tokens, labels, sample_seeds) -> None:
+    def _check_inputs(self, tokens, labels, sample_seeds, draws: Optional[Draws] = None) -> None:
+        """Shapes and dtypes always; values only of host tensors (checking a device tensor's values would
+        wait for the device: the trainer checks its batches on the host, :func:`check_batch_values`)."""
         n = self.num_tokens
         if self.discrete:
             if tokens.dtype != torch.long or tokens.dim() != 2 or tokens.shape[1] != n:
                 raise ValueError(f"discrete tokens must be long [B, {n}], "
                                  f"got {tokens.dtype} {tuple(tokens.shape)}.")
-            lo, hi = int(tokens.min()), int(tokens.max())
-            if lo < 0 or hi >= self.vocab_size:
-                raise ValueError(f"token ids must be in [0, {self.vocab_size}) (tokenizer.vocab_size), "
-                                 f"got values in [{lo}, {hi}].")
         elif not tokens.is_floating_point() or tokens.dim() != 3 or tokens.shape[1:] != (n, self.channels):
             raise ValueError(f"continuous tokens must be float [B, {n}, {self.channels}] "
                              f"(tokenizer.channels), "
                              f"got {tokens.dtype} {tuple(tokens.shape)}.")
         _check_labels(labels, tokens.shape[0], self.num_classes)
+        if tokens.device.type == "cpu":
+            check_batch_values(tokens, labels, self.vocab_size if self.discrete else None, self.num_classes)
         if sample_seeds is not None and (sample_seeds.dim() != 1 or sample_seeds.shape[0] != tokens.shape[0]):
             raise ValueError(f"sample_seeds must be [B={tokens.shape[0]}], got {tuple(sample_seeds.shape)}.")
+        if draws is not None:
+            if draws.batch != tokens.shape[0]:
+                raise ValueError(f"the draws are for {draws.batch} samples, the batch has {tokens.shape[0]}.")
+            if draws.training != self.training:
+                raise ValueError(f"the draws were made for a model in {'training' if draws.training else 'eval'} "
+                                 f"mode (label dropout {'on' if draws.training else 'off'}), this model is in "
+                                 f"{'training' if self.training else 'eval'} mode; draw them with "
+                                 f"draw_batch(..., training=model.training).")
 
     def no_weight_decay(self) -> Set[str]:
         """Embeddings, the mask token and position tables (norms/biases are found by ndim <= 1)."""
@@ -165,6 +157,8 @@ class HeptapodModel(nn.Module):
         """
         batch = labels.shape[0]
         _check_labels(labels, batch, self.num_classes)
+        if labels.device.type == "cpu":
+            check_batch_values(None, labels, None, self.num_classes)
         gens = generators(seeds)
         if len(gens) != batch:
             raise ValueError(f"seeds must hold one seed per image: {len(gens)} seeds for {batch} labels.")
@@ -174,21 +168,22 @@ class HeptapodModel(nn.Module):
         tokens = self.empty_tokens(batch, device)
         was_training = self.training
         self.eval()
-        cache = _make_cache(batch, n) if use_kv_cache else None
         prefix = []
         try:
-            for t in range(n):
-                if cache is not None:
-                    prefix.append(self.backbone(labels, tokens[:, :t], start=t, inference_context=cache))
-                    o = torch.cat(prefix, dim=1)                                   # o_0..o_t
-                else:
-                    o = self.backbone(labels, tokens[:, :t])
-                if self.head is None:
-                    z = o[:, t]
-                else:
-                    steps = torch.full((batch, 1), t, dtype=torch.long, device=device)
-                    z = self.head(o, steps)[:, 0, t + 1]
-                tokens[:, t] = self.sample_token(z, gens, temperature, top_k, num_steps).to(tokens.dtype)
+            with device_scope(device):  # megatron allocates the KV cache on the current CUDA device
+                cache = _make_cache(batch, n) if use_kv_cache else None
+                for t in range(n):
+                    if cache is not None:
+                        prefix.append(self.backbone(labels, tokens[:, :t], start=t, inference_context=cache))
+                        o = torch.cat(prefix, dim=1)                                   # o_0..o_t
+                    else:
+                        o = self.backbone(labels, tokens[:, :t])
+                    if self.head is None:
+                        z = o[:, t]
+                    else:
+                        steps = torch.full((batch, 1), t, dtype=torch.long, device=device)
+                        z = self.head(o, steps)[:, 0, t + 1]
+                    tokens[:, t] = self.sample_token(z, gens, temperature, top_k, num_steps).to(tokens.dtype)
         finally:
             self.train(was_training)
         return tokens
@@ -214,26 +209,50 @@ class HeptapodModel(nn.Module):
         return self.output.sample(z, num_steps, temperature, gens)
 
 
-def _make_cache(batch: int, length: int):
-    from megatron.core.inference.contexts import StaticInferenceContext
+def device_scope(device: torch.device):
+    """Make ``device`` the current CUDA device inside the block (megatron allocates on the current one)."""
+    if device.type == "cuda":
+        return torch.cuda.device(device)
+    return contextlib.nullcontext()
 
-    return StaticInferenceContext(max_batch_size=batch, max_sequence_length=length)
+
+class Stats(Mapping):
+    """The step's statistics, kept as tensors; a value is read to a float only when someone asks for it,
+    so a trainer that does not look at them never waits for the device."""
+
+    def __init__(self, **values):
+        self._values = values
+
+    def __getitem__(self, key: str) -> float:
+        return float(self._values[key])
+
+    def __iter__(self):
+        return iter(self._values)
+
+    def __len__(self) -> int:
+        return len(self._values)
 
 
 def _check_labels(labels: torch.Tensor, batch: int, num_classes: int) -> None:
     if labels.dtype != torch.long or labels.dim() != 1 or labels.shape[0] != batch:
         raise ValueError(f"labels must be long [B={batch}], got {labels.dtype} {tuple(labels.shape)}.")
-    if batch and (int(labels.min()) < 0 or int(labels.max()) > num_classes):
+
+
+def check_batch_values(tokens: Optional[torch.Tensor], labels: torch.Tensor, vocab_size: Optional[int],
+                       num_classes: int) -> None:
+    """Token ids in the vocabulary (discrete: pass ``vocab_size``) and labels in [0, num_classes]; reads the
+    values, so call it on host tensors (the trainer does, on each batch before its copy to the device)."""
+    if tokens is not None and vocab_size is not None and tokens.numel():
+        lo, hi = int(tokens.min()), int(tokens.max())
+        if lo < 0 or hi >= vocab_size:
+            raise ValueError(f"token ids must be in [0, {vocab_size}) (tokenizer.vocab_size), "
+                             f"got values in [{lo}, {hi}].")
+    if labels.numel() and (int(labels.min()) < 0 or int(labels.max()) > num_classes):
         raise ValueError(f"labels must be in [0, {num_classes}] ({num_classes} = 'no class'), "
                          f"got values in [{int(labels.min())}, {int(labels.max())}].")
 
 
-def _generators(sample_seeds: Optional[torch.Tensor], batch: int):
-    if sample_seeds is None:
-        return [None] * batch
-    return [torch.Generator().manual_seed(int(s)) for s in sample_seeds.tolist()]
+def _make_cache(batch: int, length: int):
+    from megatron.core.inference.contexts import StaticInferenceContext
 
-
-def _to(plan: SupervisionPlan, device) -> SupervisionPlan:
-    return SupervisionPlan(*(getattr(plan, f).to(device) for f in
-                             ("timesteps", "rows", "slots", "sample", "counts")))
+    return StaticInferenceContext(max_batch_size=batch, max_sequence_length=length)

@@ -13,6 +13,7 @@ the same per-image generators), so the samples equal those of PP = 1 for the sam
 """
 from __future__ import annotations
 
+import contextlib
 from typing import Optional
 
 import torch
@@ -42,11 +43,13 @@ def _recv(shape, dtype, device, src: int) -> torch.Tensor:
 def pipelined_generate(stage, labels: torch.Tensor, seeds: torch.Tensor, temperature: Optional[float] = None,
                        top_k: Optional[int] = None, num_steps: Optional[int] = None) -> torch.Tensor:
     """Tokens ``[B, N]`` (discrete) or ``[B, N, C]`` on every stage; collective over the pipeline group."""
-    from heptapod_ds.model.heptapod import _check_labels, _make_cache
+    from heptapod_ds.model.heptapod import _check_labels, _make_cache, check_batch_values, device_scope
 
     model = stage._model
     batch = labels.shape[0]
     _check_labels(labels, batch, model.num_classes)
+    if labels.device.type == "cpu":
+        check_batch_values(None, labels, None, model.num_classes)
     gens = generators(seeds)
     if len(gens) != batch:
         raise ValueError(f"seeds must hold one seed per image: {len(gens)} seeds for {batch} labels.")
@@ -64,6 +67,8 @@ def pipelined_generate(stage, labels: torch.Tensor, seeds: torch.Tensor, tempera
     prefix = []
     was_training = stage.training
     stage.eval()
+    scope = contextlib.ExitStack()
+    scope.enter_context(device_scope(device))  # megatron allocates the KV cache on the current CUDA device
     try:
         for t in range(n):
             # --- backbone: one slot (t) through this stage's layers, with their KV cache
@@ -111,6 +116,7 @@ def pipelined_generate(stage, labels: torch.Tensor, seeds: torch.Tensor, tempera
             dist.broadcast(row, src=last_rank, group=group)
             tokens[:, t] = row.to(tokens.dtype)
     finally:
+        scope.close()
         stage.train(was_training)
     return tokens
 

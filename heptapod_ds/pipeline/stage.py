@@ -159,17 +159,19 @@ class PipelineStage(nn.Module):
         return pipelined_generate(self, labels, seeds, temperature, top_k, num_steps)
 
     def forward(self, tokens: torch.Tensor, labels: torch.Tensor,
-                sample_seeds: Optional[torch.Tensor] = None):
+                sample_seeds: Optional[torch.Tensor] = None, draws=None):
+        """``draws``: as :meth:`HeptapodModel.forward` (every stage gets the same micro-batch and draws)."""
         model, links = self._model, self.stage.links
         if self.is_first:
-            model._check_inputs(tokens, labels, sample_seeds)
-        draws = model.draw_randomness(tokens, labels, sample_seeds)
+            model._check_inputs(tokens, labels, sample_seeds, draws)
+        if draws is None:
+            draws = model.draw_randomness(tokens, labels, sample_seeds)
         h = None if self.is_first else self._input
         if h is None and not self.is_first:
             raise RuntimeError(f"pipeline stage {self.stage.index} got no input activation; it runs under "
                                f"Megatron's schedule, which calls set_input_tensor first.")
         if "embed" in links:
-            h, _ = model.backbone.embed(draws.labels, tokens[:, :model.num_tokens - 1])
+            h, _ = model.backbone.embed(draws.labels(labels, model.num_classes), tokens[:, :model.num_tokens - 1])
         bb_layers = self.stage.layer_indices("backbone")
         if bb_layers:
             rotary = model.backbone.rotary(0, h.shape[0])
