@@ -3,7 +3,8 @@
 #
 # launch_init              cd to the submit directory (the repository root), check it and the venv.
 # launch_env               inside the job: export the rendezvous (MASTER_ADDR/PORT), the world size,
-#                          threads and CPUs per task for srun.
+#                          threads and CPUs per task for srun, NCCL_DEBUG / PYTORCH_CUDA_ALLOC_CONF
+#                          defaults, and the tasks' CPU binding (launch_cpu_bind).
 # launch_srun CMD...       run CMD on every task with srun in the background while this batch shell
 #                          waits, so that it can act on signals: SIGUSR1 is forwarded to the tasks
 #                          (or, with LAUNCH_USR1=requeue, ends the step and asks for a requeue);
@@ -53,6 +54,31 @@ launch_env() {
   fi
   export OMP_NUM_THREADS="${OMP_NUM_THREADS:-${SLURM_CPUS_PER_TASK:-8}}"
   export PYTHONUNBUFFERED=1
+  # GPU defaults, each kept when the submitting shell set it: NCCL's warnings (and why a communicator
+  # failed) in the log, and PyTorch's expandable segments against fragmentation.
+  export NCCL_DEBUG="${NCCL_DEBUG:-WARN}"
+  export PYTORCH_CUDA_ALLOC_CONF="${PYTORCH_CUDA_ALLOC_CONF:-expandable_segments:True}"
+  LAUNCH_CPU_BIND="$(launch_cpu_bind)"
+}
+
+# The srun --cpu-bind of the tasks. CPU_BIND=<srun value> wins. Otherwise, on a job with GPUs and a cluster
+# whose TaskPlugin can bind (task/affinity or task/cgroup), each task (one per GPU) is bound to its own
+# --cpus-per-task cores; without GPUs, or where Slurm cannot bind (task/none), no binding.
+launch_cpu_bind() {
+  if [[ -n "${CPU_BIND:-}" ]]; then
+    echo "$CPU_BIND"
+    return
+  fi
+  local gpus="${SLURM_GPUS_ON_NODE:-${SLURM_GPUS_PER_NODE:-0}}"
+  gpus="${gpus##*:}"   # "h100:8" -> 8
+  if [[ -z "$gpus" || "$gpus" == 0 ]]; then
+    echo none
+    return
+  fi
+  case "$(scontrol show config 2>/dev/null | sed -n 's/^TaskPlugin *= *//p')" in
+    *affinity*|*cgroup*) echo cores ;;
+    *) echo none ;;
+  esac
 }
 
 _launch_on_signal() {
@@ -80,7 +106,7 @@ _launch_on_signal() {
 launch_srun() {
   LAUNCH_STOPPED=""
   LAUNCH_REQUEUE_ASKED=0
-  local srun_args=(--kill-on-bad-exit=1 --cpu-bind=none)
+  local srun_args=(--kill-on-bad-exit=1 "--cpu-bind=${LAUNCH_CPU_BIND:-none}")
   [[ -n "${SLURM_CPUS_PER_TASK:-}" ]] && srun_args+=(--cpus-per-task="$SLURM_CPUS_PER_TASK")
   LAUNCH_COMMAND="srun ${srun_args[*]} $(printf '%q ' "$@")"
   export HEPTAPOD_LAUNCH_COMMAND="$LAUNCH_COMMAND"

@@ -7,7 +7,8 @@
 # e.g. `TP=4 ZERO=3 sbatch slurm/train_xl.sh`): PRESET, TP (parallel.tensor), PP (parallel.pipeline),
 # ZERO (parallel.zero_stage, with ds_configs/zero<ZERO>.json), MICRO_BATCH (train.micro_batch_size),
 # DS_CONFIG (a DeepSpeed JSON of your own instead of ZERO), RUN_DIR, EXTRA (more key=value),
-# PYTHON. key=value arguments after the script name come last and win over all of these.
+# PYTHON. key=value arguments after the script name come last and win over all of these (also over
+# the GPU defaults parallel.backend=nccl and backbone.transformer_impl=local).
 # The world size is what Slurm gives the job (--nodes x --ntasks-per-node); train.grad_accum is
 # derived from it so that the global batch stays the preset's.
 #
@@ -42,6 +43,10 @@ fi
 args+=("preset=$PRESET" "run_dir=$RUN_DIR" "parallel.tensor=$TP" "parallel.pipeline=$PP")
 [[ -n "$MICRO_BATCH" ]] && args+=("train.micro_batch_size=$MICRO_BATCH")
 args+=(train.grad_accum=0 checkpoint.resume=auto)
+# First-run defaults of a GPU job: NCCL, so that a task that got no GPU stops at once instead of training on
+# its CPU (a CPU run of the template passes parallel.backend=gloo), and megatron's local layers until a
+# TransformerEngine run has been checked on the cluster (backbone.transformer_impl=transformer_engine).
+args+=(parallel.backend=nccl backbone.transformer_impl=local)
 if [[ -n "${EXTRA:-}" ]]; then
   read -r -a extra <<< "$EXTRA"
   args+=("${extra[@]}")

@@ -88,3 +88,52 @@ def detect(env=None) -> LaunchEnv:
                          int(env.get("OMPI_COMM_WORLD_LOCAL_RANK", 0)), env.get("MASTER_ADDR", "127.0.0.1"),
                          int(env.get("MASTER_PORT", 29500)), "mpirun")
     return LaunchEnv(0, 1, 0, "127.0.0.1", int(env.get("MASTER_PORT") or free_port()), "single")
+
+
+def nodes_in_job(env=None) -> int:
+    """How many hosts this launch spans, as the launcher says (1 when it does not say)."""
+    env = os.environ if env is None else env
+    for key in ("SLURM_JOB_NUM_NODES", "SLURM_NNODES", "GROUP_WORLD_SIZE", "NNODES"):
+        if env.get(key, "").isdigit():
+            return int(env[key])
+    return 1
+
+
+def _resolves_to_loopback(host: str):
+    """The loopback address ``host`` resolves to here, or None (also None when it does not resolve)."""
+    import ipaddress
+
+    try:
+        infos = socket.getaddrinfo(host, None, proto=socket.IPPROTO_TCP)
+    except OSError:
+        return None
+    for info in infos:
+        addr = info[4][0]
+        if ipaddress.ip_address(addr.split("%")[0]).is_loopback:
+            return addr
+    return None
+
+
+def check_multinode_addresses(launch: LaunchEnv, backend: str = "gloo", env=None) -> None:
+    """Stop at once when a multi-node world would rendezvous or advertise on a loopback address.
+
+    On one host every address works. Across hosts, a ``MASTER_ADDR`` that resolves to 127.x or ::1 here
+    sends this rank to itself, and a hostname that does (Debian's ``127.0.1.1 <hostname>`` line in
+    /etc/hosts) is what gloo advertises to the peers on the other hosts: either way the job hangs until
+    the collective timeout, then fails without saying why."""
+    env = os.environ if env is None else env
+    nodes = nodes_in_job(env)
+    if nodes <= 1 or launch.world_size <= 1:
+        return
+    host = socket.gethostname()
+    names = [("MASTER_ADDR", launch.master_addr)]
+    if backend == "gloo" and not env.get("GLOO_SOCKET_IFNAME"):  # gloo advertises the hostname's address
+        names.append(("this host's name", host))
+    for what, name in names:
+        loop = _resolves_to_loopback(name)
+        if loop is not None:
+            raise RuntimeError(
+                f"a job on {nodes} nodes cannot use a loopback address: {what} {name!r} resolves to {loop} on "
+                f"host {host} (rank {launch.rank}), so the ranks on the other nodes could not reach it. Give the "
+                f"node names their network address in /etc/hosts or DNS (Debian's '127.0.1.1 <hostname>' line "
+                f"is the usual cause), or set GLOO_SOCKET_IFNAME / NCCL_SOCKET_IFNAME to the cluster network.")

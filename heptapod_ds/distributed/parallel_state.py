@@ -20,7 +20,7 @@ import torch
 import torch.distributed as dist
 
 from . import cpu_compat
-from .launch_env import LaunchEnv, detect
+from .launch_env import LaunchEnv, check_multinode_addresses, detect
 
 log = logging.getLogger(__name__)
 
@@ -47,12 +47,37 @@ _OWNS_PROCESS_GROUP = False
 _MEGATRON_GROUPS: list = []
 
 
+def _no_gpu_context() -> str:
+    """Where this task runs and which GPUs it was given, for the messages about a missing GPU."""
+    import socket
+
+    visible = os.environ.get("CUDA_VISIBLE_DEVICES")
+    where = f"host {socket.gethostname()}"
+    if "SLURM_PROCID" in os.environ:
+        where += f", Slurm task {os.environ['SLURM_PROCID']} of job {os.environ.get('SLURM_JOB_ID', '?')}"
+    return f"{where}, CUDA_VISIBLE_DEVICES={'unset' if visible is None else repr(visible)}"
+
+
 def choose_backend(requested: str = "auto") -> str:
+    """``nccl`` or ``gloo`` for ``parallel.backend``.
+
+    ``nccl`` without a visible GPU is an error at start-up (a GPU job on a task that got no GPU must not
+    train on the CPU for hours). ``auto`` without a GPU takes gloo, with a warning that says so: the
+    slurm/ templates pass ``nccl``; CPU runs ask for ``gloo`` and get it without a warning."""
+    if requested not in ("auto", "nccl", "gloo"):
+        raise ValueError(f"parallel.backend must be auto, nccl or gloo, got {requested!r}")
+    has_gpu = torch.cuda.is_available()
     if requested == "auto":
-        return "nccl" if torch.cuda.is_available() else "gloo"
-    if requested == "nccl" and not torch.cuda.is_available():
-        raise RuntimeError("parallel.backend=nccl needs CUDA, but no GPU is visible. Use parallel.backend=gloo "
-                           "(or auto) on CPU.")
+        if has_gpu:
+            return "nccl"
+        log.warning("parallel.backend=auto: this task sees no GPU (%s); using gloo on the CPU. Set "
+                    "parallel.backend=gloo to train on the CPU on purpose, or parallel.backend=nccl to stop "
+                    "when a GPU is missing.", _no_gpu_context())
+        return "gloo"
+    if requested == "nccl" and not has_gpu:
+        raise RuntimeError(f"parallel.backend=nccl needs a GPU, but this task sees none ({_no_gpu_context()}). "
+                           f"On a GPU job, check --gpus-per-node and the node's driver (nvidia-smi); to run on "
+                           f"the CPU on purpose pass parallel.backend=gloo.")
     return requested
 
 
@@ -66,6 +91,7 @@ def initialize(tensor: int = 1, pipeline: int = 1, backend: str = "auto", seed: 
         raise RuntimeError("parallel state is already initialized; call destroy() first.")
     launch = launch or detect()
     backend = choose_backend(backend)
+    check_multinode_addresses(launch, backend)
     if launch.world_size % (tensor * pipeline):
         raise RuntimeError(f"world size {launch.world_size} is not divisible by tensor x pipeline = "
                            f"{tensor} x {pipeline}.")

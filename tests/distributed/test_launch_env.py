@@ -27,3 +27,55 @@ def test_slurm_nodelist_parsing():
 def test_single_process():
     e = detect({})
     assert (e.rank, e.world_size, e.launcher) == (0, 1, "single") and e.master_port > 0
+
+
+def test_multinode_job_with_a_loopback_master_stops_at_once_saying_so():
+    import socket
+
+    import pytest
+
+    from heptapod_ds.distributed.launch_env import LaunchEnv, check_multinode_addresses, nodes_in_job
+
+    env = {"SLURM_JOB_NUM_NODES": "2", "SLURM_PROCID": "1", "SLURM_NTASKS": "4"}
+    assert nodes_in_job(env) == 2 and nodes_in_job({}) == 1
+    launch = LaunchEnv(1, 4, 1, "localhost", 29500, "srun")
+    with pytest.raises(RuntimeError, match=r"a job on 2 nodes cannot use a loopback address: MASTER_ADDR "
+                                           r"'localhost' resolves to 127\.0\.0\.1"):
+        check_multinode_addresses(launch, "nccl", env)
+    # One node: loopback is fine. A non-loopback master on two nodes passes the MASTER_ADDR check.
+    check_multinode_addresses(launch, "nccl", {"SLURM_JOB_NUM_NODES": "1"})
+    check_multinode_addresses(LaunchEnv(1, 4, 1, "192.0.2.1", 29500, "srun"), "nccl", env)
+    # gloo advertises this host's name: a name that resolves to loopback is refused unless an interface is named.
+    host = socket.gethostname()
+    try:
+        loop = socket.gethostbyname(host).startswith("127.")
+    except OSError:
+        loop = False
+    if loop:
+        with pytest.raises(RuntimeError, match="this host's name"):
+            check_multinode_addresses(LaunchEnv(1, 4, 1, "192.0.2.1", 29500, "srun"), "gloo", env)
+        check_multinode_addresses(LaunchEnv(1, 4, 1, "192.0.2.1", 29500, "srun"), "gloo",
+                                  dict(env, GLOO_SOCKET_IFNAME="eth0"))
+
+
+def test_backend_choice_without_a_gpu(caplog):
+    import logging
+
+    import pytest
+    import torch
+
+    from heptapod_ds.distributed.parallel_state import choose_backend
+
+    if torch.cuda.is_available():
+        pytest.skip("this test is about a task that sees no GPU")
+    with pytest.raises(RuntimeError, match=r"parallel.backend=nccl needs a GPU, but this task sees none \(host .*"
+                                           r"CUDA_VISIBLE_DEVICES=.*parallel.backend=gloo"):
+        choose_backend("nccl")
+    with caplog.at_level(logging.WARNING, logger="heptapod_ds.distributed.parallel_state"):
+        assert choose_backend("gloo") == "gloo"
+        assert not caplog.records, "an explicit gloo is asked for: no warning"
+        assert choose_backend("auto") == "gloo"
+    assert any("parallel.backend=auto: this task sees no GPU" in r.getMessage() and "using gloo" in r.getMessage()
+               for r in caplog.records), caplog.text
+    with pytest.raises(ValueError):
+        choose_backend("mpi")

@@ -36,7 +36,8 @@ CPU_SHAPE = ["--nodes=1", "--ntasks-per-node=2", "--gpus-per-node=0", "--cpus-pe
 SMALL = ["preset=tiny", "backbone.depth=2", "backbone.width=32", "backbone.num_heads=2", "head.depth=1",
          "head.width=32", "head.num_heads=2", "head.timesteps=2", "head.supervised=4",
          "train.global_batch_size=16", "train.ema_decay=0.9", "optimizer.lr=3e-3", "schedule.warmup_steps=2",
-         "data.num_workers=1", "logging.log_every=1", "logging.progress_bar=false", "sampling.eval_per_class=0"]
+         "data.num_workers=1", "logging.log_every=1", "logging.progress_bar=false", "sampling.eval_per_class=0",
+         "parallel.backend=gloo"]  # the templates ask for nccl (a GPU job); these tasks have no GPU
 PREEMPT_STEPS = 80  # enough steps that the USR1 sent after step 3 lands before the end: under load
 # the signal took about 5 s to reach the tasks while 27 steps took 5 s (seen with 30 steps: the job finished)
 SIGNAL_AFTER_STEP = 3

@@ -64,6 +64,8 @@ def test_template_validates_at_the_world_size_it_requests(name):
     dp = world // (par["tensor"] * par["pipeline"])
     assert dp * tr["micro_batch_size"] * tr["grad_accum"] == tr["global_batch_size"] == 2048
     assert cfg["preset"] == name[len("train_"):-len(".sh")].upper()
+    # First-run GPU defaults (issue 20): NCCL (a task without a GPU stops at once), megatron's local layers.
+    assert par["backend"] == "nccl" and cfg["backbone"]["transformer_impl"] == "local"
     # Documented in the template's own header and in the README table.
     text = open(os.path.join(SLURM, name)).read()
     assert f"TP={par['tensor']}, PP=1, ZeRO-{par['zero_stage']}" in text
@@ -124,3 +126,42 @@ def test_logs_directory_exists_in_a_fresh_clone():
     if tracked.returncode != 0:
         pytest.skip("not a git checkout")
     assert "logs/.gitkeep" in tracked.stdout.split()
+
+
+def test_gpu_defaults_of_the_tasks_environment_and_what_wins_over_them(tmp_path):
+    import yaml
+
+    # key=value after the script name wins over the template's GPU defaults (how the CPU tests run them).
+    r = dry_run("train_xl.sh", 16, "parallel.backend=gloo", "backbone.transformer_impl=transformer_engine")
+    assert r.returncode == 0, r.stderr
+    cfg = yaml.safe_load(r.stdout)
+    assert cfg["parallel"]["backend"] == "gloo" and cfg["backbone"]["transformer_impl"] == "transformer_engine"
+
+    def launch(script: str, **env_extra: str) -> str:
+        env = {k: v for k, v in os.environ.items() if not k.startswith(("SLURM_", "NCCL_", "PYTORCH_CUDA", "CPU_BIND"))}
+        env.update(SLURM_JOB_ID="4242", SLURM_JOB_NODELIST="gpu[001-002]", PATH=env_extra.pop("PATH", env["PATH"]),
+                   **env_extra)
+        r = subprocess.run(["bash", "-c", f"source slurm/_launch.sh; {script}"], env=env, cwd=REPO,
+                           capture_output=True, text=True, timeout=60)
+        assert r.returncode == 0, r.stderr
+        return r.stdout.strip()
+
+    shown = 'launch_env; echo "$NCCL_DEBUG|$PYTORCH_CUDA_ALLOC_CONF|$LAUNCH_CPU_BIND|$MASTER_PORT"'
+    # No GPUs in the job (the CPU tests): no binding; the NCCL and allocator defaults are exported.
+    assert launch(shown, SLURM_GPUS_ON_NODE="0") == "WARN|expandable_segments:True|none|24242"
+    # The user's own settings are kept.
+    assert launch(shown, NCCL_DEBUG="INFO", PYTORCH_CUDA_ALLOC_CONF="max_split_size_mb:512",
+                  CPU_BIND="map_cpu:0,1") == "INFO|max_split_size_mb:512|map_cpu:0,1|24242"
+    # GPUs: bound to cores where the cluster's TaskPlugin can bind, not where it cannot (task/none).
+    fake = str(tmp_path)
+    for plugin, expected in (("task/affinity,task/cgroup", "cores"), ("task/none", "none")):
+        with open(os.path.join(fake, "scontrol"), "w") as fh:
+            fh.write(f"#!/bin/sh\n[ \"$1 $2\" = 'show config' ] && echo 'TaskPlugin              = {plugin}'\n"
+                     f"[ \"$1 $2\" = 'show hostnames' ] && echo gpu001\nexit 0\n")
+        os.chmod(os.path.join(fake, "scontrol"), 0o755)
+        got = launch("launch_env; echo $LAUNCH_CPU_BIND $MASTER_ADDR", SLURM_GPUS_ON_NODE="8",
+                     PATH=f"{fake}:{os.environ['PATH']}")
+        assert got == f"{expected} gpu001", (plugin, got)
+    # launch_srun passes the binding to srun.
+    text = open(os.path.join(SLURM, "_launch.sh")).read()
+    assert '"--cpu-bind=${LAUNCH_CPU_BIND:-none}"' in text
