@@ -25,6 +25,7 @@ log = logging.getLogger(__name__)
 
 _APPLIED = False
 _ORIGINALS = {}
+_CURRENT = [torch.device("cpu")]  # what the patched torch.cuda.current_device returns
 
 
 def needed() -> bool:
@@ -104,11 +105,12 @@ def seed_model_parallel_rng(seed: int, tp_rank: int, ep_rank: int = 0) -> None:
 
 
 def _cpu_causal_mask(sq: int) -> torch.Tensor:
-    return torch.triu(torch.ones(sq, sq, dtype=torch.bool), diagonal=1)
+    # on the (patched) current device: the CPU, or the stand-in device of a device-strict check
+    return torch.triu(torch.ones(sq, sq, dtype=torch.bool, device=torch.cuda.current_device()), diagonal=1)
 
 
 def _cpu_sliding_window_mask(sq: int, skv: int, window_size) -> torch.Tensor:
-    m = torch.ones(sq, skv, dtype=torch.bool)
+    m = torch.ones(sq, skv, dtype=torch.bool, device=torch.cuda.current_device())
     mu = torch.triu(m, diagonal=skv - sq - window_size[0])
     ml = torch.tril(mu, diagonal=skv - sq + window_size[1])
     return ~ml
@@ -133,7 +135,7 @@ def apply() -> bool:
         return False
     _ORIGINALS["current_device"] = torch.cuda.current_device
     _ORIGINALS["synchronize"] = torch.cuda.synchronize
-    torch.cuda.current_device = lambda: torch.device("cpu")
+    torch.cuda.current_device = lambda: _CURRENT[0]
     torch.cuda.synchronize = lambda *a, **k: None
     _install_rng_tracker()
     _patch_mask_builders()
@@ -169,15 +171,35 @@ def _is_cuda(device) -> bool:
 
 
 class _CudaToCpu(TorchFunctionMode):
+    """``device="cuda"`` factories, ``.cuda()`` and ``.to("cuda")`` on the current device (the CPU, or
+    the stand-in device of :func:`stand_in_device`)."""
+
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
+        target = _CURRENT[0]
         if "device" in kwargs and _is_cuda(kwargs["device"]):
-            kwargs = dict(kwargs, device="cpu")
+            kwargs = dict(kwargs, device=target)
         if func in (torch.Tensor.cuda,):
-            return args[0]
+            return args[0].to(target)
         if func is torch.Tensor.to and args and len(args) > 1 and _is_cuda(args[1]):
-            args = (args[0], "cpu") + tuple(args[2:])
+            args = (args[0], target) + tuple(args[2:])
         return func(*args, **kwargs)
+
+
+@contextlib.contextmanager
+def stand_in_device(device):
+    """Within the block megatron's "current CUDA device" is ``device`` (e.g. ``meta``): where it allocates
+    on the current device (KV cache, default masks, pipeline buffers) it allocates there. For the
+    device-strict checks (:mod:`heptapod_ds.distributed.strict_device`); CPU-only, like the rest."""
+    if not _APPLIED:
+        raise RuntimeError("stand_in_device needs the CPU compatibility layer (a machine without CUDA).")
+    before = _CURRENT[0]
+    _CURRENT[0] = torch.device(device)
+    try:
+        with _CudaToCpu():
+            yield
+    finally:
+        _CURRENT[0] = before
 
 
 @contextlib.contextmanager
