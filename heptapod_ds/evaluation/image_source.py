@@ -1,4 +1,6 @@
-"""Images for reference statistics: an ``.npz`` (``arr_0`` uint8 [N, H, W, 3], ADM's format) or a folder.
+"""Images for reference statistics: an ``.npz`` (``arr_0`` uint8 [N, H, W, 3], ADM's format), a folder, or
+``digits`` (scikit-learn's 1797 digits as the demo samples them: grey level v/16 quantised to
+``round(255 v / 16)``, repeated to RGB, 8x8).
 
 Folder images are found recursively (png, jpg, jpeg, webp, bmp), sorted by path, converted to RGB
 and optionally centre-cropped to a square as ADM's reference batches were made (``center_crop_arr``:
@@ -12,6 +14,18 @@ from typing import Iterator, List, Optional, Sequence
 import numpy as np
 
 EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
+
+
+DIGITS = "digits"
+
+
+def digits_images() -> np.ndarray:
+    """The embedded digits as uint8 [1797, 8, 8, 3], quantised like the samples (``round(clip(255 x))``)."""
+    from sklearn.datasets import load_digits
+
+    x = load_digits().images.astype(np.float32) / 16.0          # the training data's values (data/sources.py)
+    grey = np.round(np.clip(x, 0, 1) * 255).astype(np.uint8)
+    return np.repeat(grey[..., None], 3, axis=-1)
 
 
 def list_images(folder: str) -> List[str]:
@@ -48,7 +62,10 @@ class ImageSource:
     def __init__(self, path: str, crop: Optional[int] = None, limit: Optional[int] = None):
         self.path, self.crop = path, crop
         self.array = None
-        if os.path.isdir(path):
+        if path == DIGITS and not os.path.exists(path):
+            self.array = digits_images()
+            count = len(self.array)
+        elif os.path.isdir(path):
             self.files = list_images(path)
             if not self.files:
                 raise ValueError(f"--images {path}: no {'/'.join(EXTENSIONS)} files found (searched recursively).")

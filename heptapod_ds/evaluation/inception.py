@@ -7,7 +7,18 @@ ImageNet Inception in its pooling: the average pools of the mixed blocks exclude
 last block (Mixed_7c) max-pools its pool branch. BatchNorm has eps 1e-3 and (in TF) no scale.
 
 Input: float images [N, 3, 299, 299] already normalised to (x - 128) / 128 (see
-:func:`preprocess`). Output: the 2048 pool features, and the 1008 logits when the classifier is loaded.
+:func:`preprocess`). Output: the 2048 pool features, and the 1008 logits when the classifier is loaded;
+:meth:`InceptionV3TF.features` adds the spatial features of sFID.
+
+Spatial features (sFID, as OpenAI's ADM evaluator defines them): the TF graph's tensor
+``mixed_6/conv:0``, cut to its first 7 channels, flattened per image in TF's NHWC order
+(``[17, 17, 7]`` -> 2023 values, index ``(h * 17 + w) * 7 + c``). In the TF graph ``mixed_6`` is the third
+17x17 block (``Mixed_6d`` here: TF counts mixed, mixed_1, mixed_2 at 35x35, the reduction mixed_3, then
+mixed_4..mixed_7 at 17x17) and ``mixed_6/conv`` is its 1x1 branch after BatchNorm and ReLU (the scope's
+output; ``.../Conv2D`` and ``.../batchnorm`` are the ops inside it). The bundled TorchScript port keeps
+the TF names: its submodule ``net.layers.mixed_6.conv`` is conv 1x1 768->192, batch_norm(eps=1e-3, no
+scale), relu, on the output of ``net.layers.mixed_5`` -- the same computation as ``Mixed_6d.branch1x1``
+here (the test suite checks the two agree).
 """
 from __future__ import annotations
 
@@ -20,6 +31,10 @@ from torch.nn import functional as F
 RESOLUTION = 299
 POOL_DIM = 2048
 NUM_LOGITS = 1008
+SPATIAL_BLOCK = "Mixed_6d"     # TF's mixed_6
+SPATIAL_CHANNELS = 7           # ADM keeps mixed_6/conv[..., :7]
+SPATIAL_SIZE = 17
+SPATIAL_DIM = SPATIAL_CHANNELS * SPATIAL_SIZE * SPATIAL_SIZE  # 2023
 
 
 class ConvBN(nn.Module):
@@ -96,13 +111,15 @@ class BlockC(nn.Module):
         self.branch7x7dbl_5 = ConvBN(mid, 192, (1, 7), padding=(0, 3))
         self.branch_pool = ConvBN(cin, 192, 1)
 
-    def forward(self, x):
+    def forward(self, x, return_branch1x1: bool = False):
         dbl = [self.branch7x7dbl_1, self.branch7x7dbl_2, self.branch7x7dbl_3, self.branch7x7dbl_4,
                self.branch7x7dbl_5]
-        return torch.cat([self.branch1x1(x),
-                          _chain([self.branch7x7_1, self.branch7x7_2, self.branch7x7_3], x),
-                          _chain(dbl, x),
-                          self.branch_pool(_avg_pool(x))], 1)
+        one = self.branch1x1(x)
+        out = torch.cat([one,
+                         _chain([self.branch7x7_1, self.branch7x7_2, self.branch7x7_3], x),
+                         _chain(dbl, x),
+                         self.branch_pool(_avg_pool(x))], 1)
+        return (out, one) if return_branch1x1 else out
 
 
 class ReductionD(nn.Module):
@@ -171,6 +188,16 @@ class InceptionV3TF(nn.Module):
         self.fc = nn.Linear(POOL_DIM, NUM_LOGITS) if with_logits else None
 
     def forward(self, x: torch.Tensor) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
+        pool, logits, _ = self.features(x, spatial=False)
+        return pool, logits
+
+    def features(self, x: torch.Tensor, spatial: bool = True
+                 ) -> Tuple[torch.Tensor, Optional[torch.Tensor], Optional[torch.Tensor]]:
+        """(pool [N, 2048], logits [N, 1008] or None, spatial [N, 2023] or None) in one pass.
+
+        ``spatial``: ``mixed_6/conv`` (``Mixed_6d.branch1x1``'s output, the very tensor the block
+        concatenates) cut to 7 channels and flattened in NHWC order, as ADM's evaluator reads it.
+        """
         if x.dim() != 4 or x.shape[1:] != (3, RESOLUTION, RESOLUTION):
             raise ValueError(f"Inception expects [N, 3, {RESOLUTION}, {RESOLUTION}] (use preprocess()), "
                              f"got {tuple(x.shape)}.")
@@ -178,13 +205,19 @@ class InceptionV3TF(nn.Module):
         x = F.max_pool2d(x, 3, stride=2)
         x = self.Conv2d_4a_3x3(self.Conv2d_3b_1x1(x))
         x = F.max_pool2d(x, 3, stride=2)
+        spatial_out = None
         for name in ("Mixed_5b", "Mixed_5c", "Mixed_5d", "Mixed_6a", "Mixed_6b", "Mixed_6c", "Mixed_6d",
                      "Mixed_6e", "Mixed_7a", "Mixed_7b", "Mixed_7c"):
-            x = getattr(self, name)(x)
+            block = getattr(self, name)
+            if spatial and name == SPATIAL_BLOCK:
+                x, branch1x1 = block(x, return_branch1x1=True)
+                spatial_out = branch1x1[:, :SPATIAL_CHANNELS].permute(0, 2, 3, 1).reshape(x.shape[0], -1)
+            else:
+                x = block(x)
         pool = x.mean(dim=(2, 3))
         # ADM's evaluator and torch-fidelity's IS use the classifier without its bias
         logits = pool @ self.fc.weight.T if self.fc is not None else None
-        return pool, logits
+        return pool, logits, spatial_out
 
 
 def tf1_resize_bilinear(x: torch.Tensor, size: int = RESOLUTION) -> torch.Tensor:

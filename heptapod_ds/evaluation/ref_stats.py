@@ -1,8 +1,9 @@
 """Reference statistics files: ``.npz`` with ``mu`` [d] and ``sigma`` [d, d].
 
-Reads MAR's ``adm_in256_stats.npz``, the ADM evaluator's ``VIRTUAL_imagenet256_labeled.npz`` (which
-also holds the reference images' features and spatial statistics; only ``mu``/``sigma`` are used)
-and the files ``tools/ref_stats.py`` writes (which add the extractor's name and the image count).
+Reads MAR's ``adm_in256_stats.npz``, the ADM evaluator's ``VIRTUAL_imagenet256_labeled.npz`` and the
+files ``tools/ref_stats.py`` writes (which add the extractor's name and the image count). The spatial
+statistics (``mu_s``/``sigma_s``) and reference images (``arr_0``) of an ADM reference batch are read by
+:mod:`.reference`.
 """
 from __future__ import annotations
 
@@ -40,11 +41,18 @@ def load_ref_stats(path: str, expected_dim: Optional[int] = None) -> Tuple[np.nd
     return mu, sigma, info
 
 
-def save_ref_stats(path: str, mu: np.ndarray, sigma: np.ndarray, info: Optional[Dict] = None) -> str:
-    """Write ``mu``, ``sigma`` (float64) and a JSON ``info`` string atomically."""
+def save_ref_stats(path: str, mu: np.ndarray, sigma: np.ndarray, info: Optional[Dict] = None,
+                   mu_s: Optional[np.ndarray] = None, sigma_s: Optional[np.ndarray] = None) -> str:
+    """Write ``mu``, ``sigma`` (float64), the spatial ``mu_s``/``sigma_s`` when given, and a JSON ``info``
+    string atomically."""
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     tmp = path + ".tmp.npz"
+    extra = {}
+    if (mu_s is None) != (sigma_s is None):
+        raise ValueError("spatial statistics need both mu_s and sigma_s.")
+    if mu_s is not None:
+        extra = {"mu_s": np.asarray(mu_s, np.float64), "sigma_s": np.asarray(sigma_s, np.float64)}
     np.savez(tmp, mu=np.asarray(mu, np.float64), sigma=np.asarray(sigma, np.float64),
-             info=np.array(json.dumps(info or {}, sort_keys=True)))
+             info=np.array(json.dumps(info or {}, sort_keys=True)), **extra)
     os.replace(tmp, path)
     return path
