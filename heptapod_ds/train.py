@@ -76,6 +76,7 @@ def main(argv=None) -> int:
         # launches.jsonl (rank 0): git commit, Slurm job and attempt, command line, config, and the outcome
         with provenance.RunRecord(cfg, info, argv) as record:
             trainer = Trainer(cfg)
+            record.trainer = trainer  # a failure's exit record names its step and the checkpoint to resume from
             trainer.setup()
             code = trainer.run()
             record.finished(code, trainer.step, signal=trainer.preempt.signal_name)

@@ -128,6 +128,13 @@ launch_srun() {
   launch_log "srun exited with status $LAUNCH_RC"
 }
 
+# The nodes of this job that Slurm reports down or not responding (sinfo's "*"), space-separated; empty
+# when all answer. A failed step whose node was lost is requeued by Slurm itself (JobRequeue=1).
+launch_lost_nodes() {
+  sinfo -h -N -n "$SLURM_JOB_NODELIST" -o '%N %t' 2>/dev/null \
+    | awk '$2 ~ /\*$/ || $2 ~ /^(down|drain|fail)/ { print $1 }' | sort -u | tr '\n' ' ' | sed 's/ $//'
+}
+
 launch_requeue() {
   launch_log "requeueing job $SLURM_JOB_ID: $*"
   if scontrol requeue "$SLURM_JOB_ID"; then

@@ -105,7 +105,16 @@ case "$status" in
     exit "$REQUEUE_EXIT"
     ;;
   *)
-    launch_log "the trainer did not finish (srun status $LAUNCH_RC${status:+, trainer status $status}); not requeueing"
+    lost="$(launch_lost_nodes)"
+    if [[ -n "$lost" ]]; then
+      launch_log "the trainer did not finish (srun status $LAUNCH_RC${status:+, trainer status $status}): node(s)" \
+                 "$lost of this job stopped responding; Slurm requeues a job that loses a node (JobRequeue," \
+                 "--requeue), and the next attempt resumes from the newest complete checkpoint; this script" \
+                 "does not requeue it itself"
+    else
+      launch_log "the trainer did not finish (srun status $LAUNCH_RC${status:+, trainer status $status}); not" \
+                 "requeueing from here (no node of this job is reported down)"
+    fi
     [[ "$LAUNCH_RC" -ne 0 ]] && exit "$LAUNCH_RC"
     exit 1
     ;;

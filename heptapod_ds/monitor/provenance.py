@@ -115,10 +115,39 @@ def record_exit(run_dir: str, status: str, exit_code: int, step: Optional[int], 
     return record
 
 
+def _stop_signals(signal_name: Optional[str]) -> Dict[str, Dict[str, list]]:
+    """Which ranks (and on which hosts) received which stop signal: ``{"SIGTERM": {"ranks": [2, 3],
+    "hosts": ["node2"]}}``. Collective over the world group (every rank calls it); {} outside one.
+
+    The ranks agree to stop when any of them got a signal, so rank 0's own signal does not say what
+    stopped the run: a SIGTERM delivered by Slurm to the tasks of one node only (the kill of a job step)
+    leaves rank 0 with none."""
+    import torch.distributed as dist
+
+    if not dist.is_available() or not dist.is_initialized():
+        return {signal_name: {"ranks": [0], "hosts": [socket.gethostname()]}} if signal_name else {}
+    mine = (signal_name, socket.gethostname())
+    everyone: List[Any] = [None] * dist.get_world_size()
+    dist.all_gather_object(everyone, mine)
+    out: Dict[str, Dict[str, list]] = {}
+    for rank, (name, host) in enumerate(everyone):
+        if name:
+            entry = out.setdefault(name, {"ranks": [], "hosts": []})
+            entry["ranks"].append(rank)
+            if host not in entry["hosts"]:
+                entry["hosts"].append(host)
+    return out
+
+
 class RunRecord:
     """``with RunRecord(cfg, info, argv) as r: ...; r.finished(code, step)``: the launch record on entry,
     the exit record on :meth:`finished` (``done`` for 0, else ``preempted``) or ``failed`` if the block
-    raises. Only rank 0 (``info.rank == 0``) writes."""
+    raises. Only rank 0 (``info.rank == 0``) writes; :meth:`finished` is called on every rank.
+
+    The exit record says what stopped the run: after a signal, ``signals`` names every rank that got
+    one (and ``signal`` is rank 0's, or the first rank's when rank 0 got none); after a failure, the step
+    that failed (:attr:`trainer`'s step when it is set), ``error``, and for a failed collective (a rank
+    or node lost) ``reason: "collective"`` with the newest complete checkpoint to resume from."""
 
     def __init__(self, cfg, info, argv: Optional[List[str]] = None):
         self.cfg, self.rank0 = cfg, info.rank == 0
@@ -126,6 +155,7 @@ class RunRecord:
         self.layout = {"world": info.world_size, "tensor": info.tp_size, "pipeline": info.pp_size,
                        "data": info.dp_size}
         self.step: Optional[int] = None
+        self.trainer = None  # set by the entry point: its step and checkpoints are read at a failure
 
     def __enter__(self) -> "RunRecord":
         if self.rank0:
@@ -134,13 +164,31 @@ class RunRecord:
 
     def finished(self, exit_code: int, step: int, **extra: Any) -> None:
         self.step = step
+        if exit_code != 0 or extra.get("signal"):
+            signals = _stop_signals(extra.get("signal"))
+            if signals:
+                extra["signals"] = signals
+                if not extra.get("signal"):
+                    extra["signal"] = min(signals, key=lambda name: signals[name]["ranks"][0])
         if self.rank0:
             record_exit(self.cfg.run_dir, "done" if exit_code == 0 else "preempted", exit_code, step, **extra)
 
     def __exit__(self, exc_type, exc, tb) -> None:
         if exc is not None and self.rank0:
             try:
-                record_exit(self.cfg.run_dir, "failed", 1, self.step, error=f"{exc_type.__name__}: {exc}"[:2000])
+                extra: Dict[str, Any] = {"error": f"{exc_type.__name__}: {exc}"[:2000]}
+                step = self.step
+                if self.trainer is not None:
+                    step = getattr(self.trainer, "step", step)
+                    from heptapod_ds.distributed.failures import collective_failure
+
+                    if isinstance(exc, Exception) and collective_failure(exc) is not None:
+                        ckpt = getattr(self.trainer, "ckpt", None)
+                        newest = ckpt.latest() if ckpt is not None else None
+                        # the step in progress failed; the run resumes from the newest complete checkpoint
+                        extra.update(reason="collective", failed_step=None if step is None else step + 1,
+                                     resume_from=str(newest) if newest is not None else None)
+                record_exit(self.cfg.run_dir, "failed", 1, step, **extra)
             except OSError:
                 pass  # the original error matters more than its record
 
