@@ -4,11 +4,15 @@
 Both keep the same contract (:class:`StepResult`, the non-finite guard, the EMA update) so the trainer
 does not care which runs.
 
-Without a pipeline each micro-batch's loss is checked on all ranks *before* its backward. Under the
-1F1B schedule a micro-batch's backward starts on the last stage right after its loss, so the check
-comes after the schedule, before any gradient leaves the rank: a non-finite loss on any micro-batch of
-any stage drops every rank's local gradients (inside ``coalesce_grad_reduction`` nothing has been
-reduced yet), and parameters, optimizer state, LR schedule and EMA stay as they were.
+One host read per optimizer step. The losses, their non-finite flag and (when the trainer passes its
+:class:`~heptapod_ds.engine.guards.PreemptionGuard`) the preemption flag stay on the device through the
+step's micro-batches and are reduced there; the step then reads them to the host once, as one small
+tensor, to decide: a non-finite loss on any micro-batch of any rank skips the step on every rank through
+the discard path (gradients dropped, counters rewound, no optimizer, scheduler or EMA update). The
+gradient norm stays a device tensor until someone asks for it (:attr:`StepResult.grad_norm`; the trainer
+asks on logged steps). Without a pipeline the decision comes after the last micro-batch's backward and
+before ``engine.step()``; under the 1F1B schedule it comes after the schedule, before any gradient
+leaves the rank (inside ``coalesce_grad_reduction`` nothing has been reduced yet).
 
 Gradient reduction under PP, once per optimizer step whatever the precision: ZeRO-1/2 (fp32, and bf16 with
 DeepSpeed's default bf16 gradients) run the schedule inside ``engine.coalesce_grad_reduction()`` (the
@@ -26,8 +30,7 @@ from __future__ import annotations
 
 import contextlib
 import math
-from dataclasses import dataclass
-from typing import Callable, List, Optional, Sequence
+from typing import Callable, List, Optional, Sequence, Tuple
 
 import torch
 import torch.distributed as dist
@@ -35,59 +38,71 @@ import torch.distributed as dist
 from .guards import NonFiniteGuard
 
 
-@dataclass
 class StepResult:
-    loss: float          # mean loss over the global batch (NaN when skipped)
-    skipped: bool        # the step was skipped for a non-finite loss
-    lr: float            # learning rate the step used
-    grad_norm: Optional[float]  # global gradient norm before clipping (None when skipped / unknown)
+    """What one optimizer step did.
+
+    ``loss``: mean loss over the global batch (NaN when skipped); ``skipped``: skipped for a non-finite loss;
+    ``lr``: the learning rate the step used; ``stop``: every rank agreed to stop for a preemption signal (the
+    vote rides on the step's one read; None when the step was not given the guard)."""
+
+    def __init__(self, loss: float, skipped: bool, lr: float, grad_norm=None, stop: Optional[bool] = None):
+        self.loss, self.skipped, self.lr, self.stop = loss, skipped, lr, stop
+        self._grad_norm = grad_norm
+
+    @property
+    def grad_norm(self) -> Optional[float]:
+        """Global gradient norm before clipping (None when skipped / unknown); read from the device here."""
+        return None if self._grad_norm is None else float(self._grad_norm)
 
 
 def train_step(engine, micro_batches: Sequence, loss_fn: Callable, nonfinite: NonFiniteGuard, ema=None,
-               pipeline: bool = False) -> StepResult:
+               pipeline: bool = False, preempt=None) -> StepResult:
     """One optimizer step over one step's micro batches, with non-finite skipping.
 
     ``loss_fn(model, micro_batch) -> tensor``: the scalar mean loss (PP = 1: ``model`` is the engine;
     PP > 1: the stage module, and the tensor is the stage's output, the loss on the last stage).
     ``pipeline=True`` runs Megatron's 1F1B schedule over all micro batches (every stage calls it).
+    ``preempt``: the trainer's preemption guard, whose flag joins the step's vote (``StepResult.stop``).
     """
     if pipeline:
-        return _pipeline_step(engine, micro_batches, loss_fn, nonfinite, ema)
-    return _sequential_step(engine, micro_batches, loss_fn, nonfinite, ema)
+        return _pipeline_step(engine, micro_batches, loss_fn, nonfinite, ema, preempt)
+    return _sequential_step(engine, micro_batches, loss_fn, nonfinite, ema, preempt)
 
 
 # ---------------------------------------------------------------------------------------- PP = 1
 
-def _sequential_step(engine, micro_batches, loss_fn, nonfinite, ema) -> StepResult:
+def _sequential_step(engine, micro_batches, loss_fn, nonfinite, ema, preempt) -> StepResult:
     gas = engine.gradient_accumulation_steps()
     if len(micro_batches) != gas:
         raise ValueError(f"train_step got {len(micro_batches)} micro batches, DeepSpeed accumulates {gas} "
                          f"(train.grad_accum); pass exactly one optimizer step's worth.")
     lr = float(engine.get_lr()[0])
     counters = (engine.micro_steps, engine.global_samples)
-    total = torch.zeros((), dtype=torch.float64)
-    pre_step_norm = None
+    total, bad = None, None
     for i, mb in enumerate(micro_batches):
         loss = loss_fn(engine, mb)
-        if not nonfinite.agree_finite(loss):
-            if i > 0:
-                _discard_gradients(engine, counters)
-            nonfinite.record(False)
-            return StepResult(loss=math.nan, skipped=True, lr=lr, grad_norm=None)
+        value = loss.detach()
+        flag = ~torch.isfinite(value)
+        total = value.double() if total is None else total + value.double()
+        bad = flag if bad is None else bad | flag
         engine.backward(loss)
-        if i == gas - 1 and engine.zero_optimization_stage() == 0:
-            pre_step_norm = _zero0_grad_norm(engine)
-        engine.step()
-        total += loss.detach().double().cpu()
+        if i < gas - 1:
+            engine.step()  # not an accumulation boundary: DeepSpeed only advances its micro-step counters
+    mean, skip, stop = _vote(_dp_mean(total / gas), bad, preempt)
+    if skip:
+        _drop_local_gradients(engine)
+        _discard_gradients(engine, counters, reset_micro_step=True)
+        nonfinite.record(False)
+        return StepResult(loss=math.nan, skipped=True, lr=lr, stop=stop)
+    pre_step_norm = _zero0_grad_norm(engine) if engine.zero_optimization_stage() == 0 else None
+    engine.step()
     nonfinite.record(True)
     if ema is not None:
         ema.update()
-    mean = _dp_mean(total / gas)
     norm = engine.get_global_grad_norm()
     if norm is None and engine.zero_optimization_stage() == 0:
         norm = pre_step_norm  # DeepSpeed's ZeRO-0 path computes the norm to clip but discards it
-    return StepResult(loss=float(mean), skipped=False, lr=lr,
-                      grad_norm=float(norm) if norm is not None else None)
+    return StepResult(loss=mean, skipped=False, lr=lr, grad_norm=norm, stop=stop)
 
 
 # ---------------------------------------------------------------------------------------- PP > 1
@@ -141,7 +156,7 @@ def _is_bf16_unfused(engine) -> bool:
             and engine.optimizer.low_precision_dtype == torch.bfloat16)
 
 
-def _pipeline_step(engine, micro_batches, loss_fn, nonfinite, ema) -> StepResult:
+def _pipeline_step(engine, micro_batches, loss_fn, nonfinite, ema, preempt) -> StepResult:
     from megatron.core.pipeline_parallel import get_forward_backward_func
 
     from heptapod_ds.distributed import cpu_compat, parallel_state
@@ -172,14 +187,19 @@ def _pipeline_step(engine, micro_batches, loss_fn, nonfinite, ema) -> StepResult
                 forward_step_func=forward_step, data_iterator=iter(micro_batches), model=module,
                 num_microbatches=len(micro_batches), seq_length=int(first[0].shape[1]),
                 micro_batch_size=int(first[0].shape[0]), forward_only=False)
-        bad = torch.stack(losses) if losses else None
-        finite = nonfinite.agree_finite(bad)  # all ranks, every stage (only the last measured losses)
-        if not finite:
+        # only the last stage measured losses; every stage joins the vote
+        device = first[0].device
+        local = torch.stack(losses).double().mean() if losses else torch.zeros((), dtype=torch.float64,
+                                                                                device=device)
+        bad = (~torch.isfinite(local)) if losses else torch.zeros((), dtype=torch.bool, device=device)
+        mean, skip, stop = _vote(_from_last_stage(_dp_mean(local) if info.pp_rank == info.pp_size - 1
+                                                  else local), bad, preempt)
+        if skip:
             _drop_local_gradients(engine)  # before leaving the block: nothing is reduced
-    if not finite:
+    if skip:
         _discard_gradients(engine, counters, reset_micro_step=True)
         nonfinite.record(False)
-        return StepResult(loss=math.nan, skipped=True, lr=lr, grad_norm=None)
+        return StepResult(loss=math.nan, skipped=True, lr=lr, stop=stop)
     pre_step_norm = None
     if not coalesced:
         engine.allreduce_gradients()  # one reduction over the data-parallel group per optimizer step
@@ -189,25 +209,44 @@ def _pipeline_step(engine, micro_batches, loss_fn, nonfinite, ema) -> StepResult
     nonfinite.record(True)
     if ema is not None:
         ema.update()
-    local = torch.stack(losses).double().mean() if losses else torch.zeros((), dtype=torch.float64)
-    mean = _from_last_stage(_dp_mean(local) if info.pp_rank == info.pp_size - 1 else local)
     norm = engine.get_global_grad_norm()
     if norm is None and stage == 0:
         norm = pre_step_norm
-    return StepResult(loss=float(mean), skipped=False, lr=lr,
-                      grad_norm=float(norm) if norm is not None else None)
+    return StepResult(loss=mean, skipped=False, lr=lr, grad_norm=norm, stop=stop)
+
+
+def _collective(t: torch.Tensor, group=None) -> torch.Tensor:
+    """``t`` where the group's backend reduces (NCCL: the GPU; gloo: where it is)."""
+    if dist.get_backend(group) == "nccl" and t.device.type != "cuda":
+        return t.cuda()
+    return t
 
 
 def _from_last_stage(value: torch.Tensor) -> torch.Tensor:
-    """The last stage's value on every stage (a broadcast over the pipeline group)."""
+    """The last stage's value on every stage (a broadcast over the pipeline group), left on the device."""
     from heptapod_ds.distributed import parallel_state
 
     group = parallel_state.pp_group()
-    t = value.to(torch.float64).reshape(1).clone()
-    if dist.get_backend(group) == "nccl":
-        t = t.cuda()
+    t = _collective(value.to(torch.float64).reshape(1).clone(), group)
     dist.broadcast(t, src=dist.get_global_rank(group, dist.get_world_size(group) - 1), group=group)
-    return t.cpu()[0]
+    return t[0]
+
+
+def _vote(mean: torch.Tensor, bad: torch.Tensor, preempt) -> Tuple[float, bool, Optional[bool]]:
+    """The step's one host read: (mean loss, any rank non-finite, any rank preempted).
+
+    The flags are reduced with MAX over every rank (all stages, TP and DP peers) on the device; the
+    preemption flag is None when no guard was given."""
+    flags = torch.stack([bad.to(torch.float32).reshape(()),
+                         torch.tensor(0.0 if preempt is None or preempt.received is None else 1.0,
+                                      device=bad.device)])
+    if dist.is_initialized():
+        flags = _collective(flags)
+        dist.all_reduce(flags, op=dist.ReduceOp.MAX)
+    host = torch.cat([mean.reshape(1).to(device=flags.device, dtype=torch.float64),
+                      flags.to(torch.float64)]).cpu()
+    mean_v, bad_v, stop_v = host.tolist()
+    return mean_v, bad_v > 0, (stop_v > 0) if preempt is not None else None
 
 
 def _drop_local_gradients(engine) -> None:
@@ -222,24 +261,24 @@ def _drop_local_gradients(engine) -> None:
 # ---------------------------------------------------------------------------------------- shared
 
 def _dp_mean(value: torch.Tensor) -> torch.Tensor:
+    """Mean over the data-parallel group, on the device (summed in fp32, as the logged losses always were)."""
     if not dist.is_initialized():
         return value
     from heptapod_ds.distributed import parallel_state
 
     group = parallel_state.dp_group()
-    t = value.to(torch.float32).reshape(())
-    if dist.get_backend(group) == "nccl":
-        t = t.cuda()
+    t = _collective(value.to(torch.float32).reshape(()), group)
     dist.all_reduce(t, group=group)
-    return t.cpu().double() / dist.get_world_size(group)
+    return t.double() / dist.get_world_size(group)
 
 
-def _zero0_grad_norm(engine) -> float:
-    """Global gradient norm of the averaged gradients, TP-replicated parameters counted once."""
+def _zero0_grad_norm(engine) -> torch.Tensor:
+    """Global gradient norm of the averaged gradients, TP-replicated parameters counted once (on the
+    device: :attr:`StepResult.grad_norm` reads it when asked)."""
     from deepspeed.runtime.utils import clip_grad_norm_
 
     params = [p for p in engine.module.parameters() if p.grad is not None]
-    return float(clip_grad_norm_(params, max_norm=float("inf"), mpu=engine.mpu))
+    return clip_grad_norm_(params, max_norm=float("inf"), mpu=engine.mpu)
 
 
 def _discard_gradients(engine, counters, reset_micro_step: bool = False) -> None:

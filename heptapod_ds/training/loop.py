@@ -11,7 +11,7 @@ import json
 import math
 import os
 import time
-from typing import Dict, Optional
+from typing import TYPE_CHECKING, Dict, NamedTuple, Optional
 
 import torch
 
@@ -22,6 +22,9 @@ from heptapod_ds.monitor import MetricsSink, get_logger
 from .data_stream import BatchStream, resume_micro_step, sample_seeds
 from .throughput import ThroughputMeter, memory_gib, peak_tflops
 
+if TYPE_CHECKING:
+    from heptapod_ds.model.draws import Draws
+
 log = get_logger(__name__)
 
 
@@ -30,6 +33,22 @@ def _atomic_write(path: str, text: str) -> None:
     with open(tmp, "w") as fh:
         fh.write(text)
     os.replace(tmp, path)
+
+
+class MicroBatch(NamedTuple):
+    """A micro-batch as the step consumes it: data, per-sample seeds and the draws made from them."""
+    tokens: torch.Tensor
+    labels: torch.Tensor
+    seeds: torch.Tensor
+    draws: "Draws"
+
+    def pin_memory(self) -> "MicroBatch":
+        return MicroBatch(self.tokens.pin_memory(), self.labels.pin_memory(), self.seeds, self.draws.pin_memory())
+
+    def to(self, device) -> "MicroBatch":
+        """On ``device`` with non-blocking copies (asynchronous from page-locked memory; no-ops on CPU)."""
+        return MicroBatch(self.tokens.to(device, non_blocking=True), self.labels.to(device, non_blocking=True),
+                          self.seeds, self.draws.to(device, non_blocking=True))
 
 
 class Trainer:
@@ -108,11 +127,21 @@ class Trainer:
 
     # ------------------------------------------------------------------ one step
     def _micro_batches(self):
-        """One optimizer step's micro-batches, with per-sample seeds for the model's random draws."""
+        """One optimizer step's micro-batches, prepared on the host: per-sample seeds, the model's random
+        draws made from them (:func:`heptapod_ds.model.draws.draw_batch`), token and label values checked,
+        and on a GPU everything in page-locked memory, so the step's copies do not wait."""
+        from heptapod_ds.model.draws import draw_batch
+        from heptapod_ds.model.heptapod import check_batch_values
+
+        cfg, pin = self.cfg, self.device.type == "cuda"
         out = []
-        for _ in range(self.cfg.train.grad_accum):
+        for _ in range(cfg.train.grad_accum):
             tokens, labels, ids, epoch = self.stream.next()
-            out.append((tokens, labels, sample_seeds(self.cfg.train.seed, epoch, ids)))
+            seeds = sample_seeds(cfg.train.seed, epoch, ids)
+            check_batch_values(tokens, labels, cfg.tokenizer.vocab_size if cfg.tokenizer.is_discrete else None,
+                               cfg.backbone.num_classes)
+            mb = MicroBatch(tokens, labels, seeds, draw_batch(cfg, tokens.shape[0], seeds, training=True))
+            out.append(mb.pin_memory() if pin else mb)
         return out
 
     def _loss(self, model, micro_batch) -> torch.Tensor:
@@ -120,8 +149,8 @@ class Trainer:
         from heptapod_ds.engine.faults import fault_point
 
         fault_point("train.forward", self.step + 1)
-        tokens, labels, seeds = (t.to(self.device) for t in micro_batch)
-        out, _stats = model(tokens, labels, sample_seeds=seeds)
+        mb = micro_batch.to(self.device)
+        out, _stats = model(mb.tokens, mb.labels, draws=mb.draws)
         return out
 
     def _client_state(self) -> Dict:
@@ -155,7 +184,8 @@ class Trainer:
         while self.step < cfg.train.steps:
             batches = self._micro_batches()
             result = train_step(self.engine, batches, self._loss, self.nonfinite, ema=self.ema,
-                                pipeline=self.pipeline)
+                                pipeline=self.pipeline, preempt=self.preempt)
+            voted = True  # result.stop is the preemption vote of this step, as of its one read
             if result.skipped:
                 log.warning("step %d: non-finite loss, step skipped (%d in a row, %d in total)", self.step + 1,
                             self.nonfinite.in_a_row, self.nonfinite.total_skipped)
@@ -172,17 +202,22 @@ class Trainer:
                     self._log(result)
                 try:
                     if cfg.eval.every and self.step % cfg.eval.every == 0 and self.step < cfg.train.steps:
-                        self.evaluate(final=False)  # the last step is scored by the final evaluation
+                        voted = False
+                        with self.meter.paused():
+                            self.evaluate(final=False)  # the last step is scored by the final evaluation
                     if cfg.eval.fid_every and self.step % cfg.eval.fid_every == 0:
                         from .evaluate import fid_during_training
 
+                        voted = False
                         t_fid = time.time()
-                        fid_during_training(self)
+                        with self.meter.paused():
+                            fid_during_training(self)
                         self._eval_segment += time.time() - t_fid  # evaluation, not training, time
                 except Preempted:
                     pass  # the check below sees the same signal: save and exit for the requeue
                 fault_point("train.step", self.step)
-            if self.preempt.should_stop():
+            # after an evaluation a signal may have come since the step's vote: ask all ranks again
+            if (result.stop if voted and result.stop is not None else self.preempt.should_stop()):
                 log.warning("%s received: saving at step %d, exiting with status %d (requeue)",
                             self.preempt.signal_name or "preemption signal", self.step, self.preempt.exit_code)
                 self._save(reason="preempted")
@@ -224,7 +259,8 @@ class Trainer:
         return 0
 
     def _log(self, result) -> None:
-        grad_norm = result.grad_norm if result.grad_norm is not None and math.isfinite(result.grad_norm) else None
+        grad_norm = result.grad_norm  # read once (a device value)
+        grad_norm = grad_norm if grad_norm is not None and math.isfinite(grad_norm) else None
         rec = {"loss": result.loss, "lr": result.lr, "grad_norm": grad_norm,
                "nonfinite_skipped": self.nonfinite.total_skipped}
         rec.update(self.meter.report())
@@ -235,7 +271,8 @@ class Trainer:
 
     def _save(self, reason: str) -> None:
         t0 = time.time()
-        self.ckpt.save(self.engine, self.step, self._client_state(), ema=self.ema)
+        with self.meter.paused():  # checkpoint time is not training throughput
+            self.ckpt.save(self.engine, self.step, self._client_state(), ema=self.ema)
         log.info("saved checkpoint at step %d (%s) in %.1fs", self.step, reason, time.time() - t0)
 
     # ------------------------------------------------------------------ samples and quality
