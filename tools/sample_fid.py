@@ -7,10 +7,13 @@
     torchrun --nproc_per_node 8 tools/sample_fid.py ...      # also: deepspeed, srun, plain python
 
 Writes DIR/samples.npz (``arr_0`` uint8 [N, H, W, 3], the ADM evaluator's format), DIR/grid.png
-(one row per class), DIR/samples_stats.npz (mu, sigma of the samples' Inception features) and
-DIR/result.json (``fid`` with --ref-stats, ``inception_score`` when the extractor has logits, the
-settings). Image i is drawn for class i % C with seed image_seeds(--seed, i): the same images on any
-number of ranks. Finished shards (DIR/shards/) are kept: rerun the same command after an interruption.
+(one row per class), DIR/samples_stats.npz (mu, sigma and the spatial mu_s, sigma_s of the samples'
+Inception features) and DIR/result.json: ``fid``, ``sfid``, ``inception_score``, ``precision``, ``recall``
+as OpenAI's ADM evaluator defines them (those the inputs cannot give are null, with the reason under
+``metrics.absent``), and the settings. With ADM's reference batch (VIRTUAL_imagenet256_labeled.npz) all
+five are computed; MAR's adm_in256_stats.npz gives FID only; IS needs --inception FILE. Image i is drawn
+for class i % C with seed image_seeds(--seed, i): the same images on any number of ranks. Finished shards
+(DIR/shards/) are kept: rerun the same command after an interruption.
 """
 import argparse
 import os
@@ -44,6 +47,14 @@ def parse_args(argv=None):
                    help="class-consistency and Fréchet distance of the digits classifier (auto: digits models)")
     p.add_argument("--inception-batch-size", type=int, default=50, help="images per Inception forward")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.add_argument("--metrics", default="auto", help="'auto' (every metric the reference and extractor allow) "
+                   "or a comma list of fid,sfid,is,pr (each then required: missing inputs stop the run before "
+                   "sampling)")
+    p.add_argument("--pr-samples", type=int, default=None, help="precision/recall over the first N samples "
+                   "(default: all, as ADM's evaluator)")
+    p.add_argument("--pr-k", type=int, default=3, help="neighbourhood size of the manifold estimate (ADM: 3)")
+    p.add_argument("--precision", choices=("auto", "bf16", "fp32"), default="auto", help="sampler weights: "
+                   "auto = bf16 on a GPU (with TF32; the DDPM chain stays fp32), fp32 on the CPU")
     return p.parse_args(argv)
 
 
@@ -60,7 +71,9 @@ def main(argv=None) -> int:
                            temperature=args.temperature, top_k=args.top_k, num_steps=args.num_steps,
                            weights=args.weights, shard_size=args.shard_size, tokenizer_ckpt=args.tokenizer_ckpt,
                            use_kv_cache=not args.no_kv_cache, digits_metrics=args.digits_metrics,
-                           inception_batch_size=args.inception_batch_size, progress=not args.no_progress)
+                           inception_batch_size=args.inception_batch_size, progress=not args.no_progress,
+                           metrics=args.metrics, pr_samples=args.pr_samples, pr_k=args.pr_k,
+                           precision=args.precision)
     parallel_state.initialize(tensor=1, pipeline=1, backend="auto", seed=args.seed)
     try:
         result = run(settings)
@@ -70,8 +83,11 @@ def main(argv=None) -> int:
     finally:
         parallel_state.destroy()
     if result:  # rank 0 returns result.json's content, the other ranks nothing
-        keys = [k for k in ("fid", "inception_score", "digits") if k in result]
+        keys = [k for k in ("fid", "sfid", "inception_score", "precision", "recall") if result.get(k) is not None]
+        keys += ["digits"] if "digits" in result else []
         print("result: " + ", ".join(f"{k}={result[k]}" for k in keys) if keys else "result: samples written")
+        for key, why in (result.get("metrics") or {}).get("absent", {}).items():
+            print(f"absent: {key} ({why})")
         print(f"wrote {os.path.join(args.out, 'samples.npz')}, grid.png, result.json")
     return 0
 

@@ -173,14 +173,19 @@ def reference_pool_features(ref: Reference, extractor, cache_path: str, group=No
     if have:
         return cached if rank == 0 else None
     n = ref.num_images
-    start, stop = rank * n // world, (rank + 1) * n // world
-    parts = [extractor.features(batch, spatial=False)["pool"]
-             for batch in iter_npz_images(ref.path, start, stop, batch_size)]
+    # fixed batches of the whole file (batch b = images b*bs .. b*bs+bs-1), dealt round-robin to the ranks:
+    # every image goes through the network in the same batch on any rank count
+    starts = list(range(0, n, batch_size))[rank::world]
+    parts = [extractor.features(batch, spatial=False)["pool"]      # one pass over the file, own batches only
+             for b, batch in enumerate(iter_npz_images(ref.path, 0, n, batch_size)) if b % world == rank]
     mine = torch.cat(parts) if parts else torch.zeros(0, extractor.dim)
+    index = torch.cat([torch.arange(a, min(a + batch_size, n)) for a in starts]) if starts \
+        else torch.zeros(0, dtype=torch.long)
     pool = gather_rows(mine, group) if distributed else mine
+    index = gather_rows(index, group) if distributed else index
     if rank != 0:
         return None
-    pool = pool.numpy()
+    pool = pool[torch.argsort(index)].numpy()
     os.makedirs(os.path.dirname(os.path.abspath(cache_path)), exist_ok=True)
     tmp = cache_path + ".tmp.npz"
     np.savez(tmp, pool=pool, identity=np.array(json.dumps(identity, sort_keys=True)))

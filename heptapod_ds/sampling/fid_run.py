@@ -9,11 +9,18 @@ Steps, each on every rank unless noted:
    pending shards go round-robin to the ranks. Image i gets label ``i % C`` and seed
    ``image_seeds(seed, i)``, and every shard is cut into the same batches on any rank count, so
    the images do not depend on the number of ranks.
-3. Each rank samples its shards (KV cache, batched), decodes them through the tokenizer, quantises
-   to uint8 as MAR/ADM do (``round(clip(255 x))``), extracts Inception features and writes the shard.
-4. Each rank adds the features of the shards ``k % world == rank`` as float64 sums; one all-reduce
-   gives the statistics (and the Inception Score sums); rank 0 writes ``samples.npz``, ``grid.png``,
-   ``samples_stats.npz`` and ``result.json``.
+3. Each rank samples its shards (KV cache, batched; on a GPU bf16 weights and TF32, the DDPM chain in
+   fp32), decodes them through the tokenizer on its device, quantises to uint8 as MAR/ADM do
+   (``round(clip(255 x))``), extracts Inception pool and spatial features (and logits) and writes the shard.
+4. Each rank adds the features of the shards ``k % world == rank`` as float64 sums; all-reduces give
+   the pool and spatial statistics (FID, sFID) and the Inception Score sums; the pool features of the
+   first ``pr_samples`` images are gathered to rank 0, which computes precision and recall against the
+   reference images' features (computed once, on all ranks, cached in ``DIR/ref_features.npz``); rank 0
+   writes ``samples.npz``, ``grid.png``, ``samples_stats.npz`` and ``result.json``.
+
+The five numbers follow OpenAI's ADM evaluator (``evaluations/evaluator.py`` of guided-diffusion); what a
+reference file cannot give (MAR's stats-only file: sFID, precision, recall) is reported absent with the
+reason. ``metrics="auto"`` computes what the inputs allow; a named list makes each one required.
 """
 from __future__ import annotations
 
@@ -22,7 +29,7 @@ import json
 import os
 import time
 from dataclasses import asdict, dataclass
-from typing import Dict, List, Optional
+from typing import Dict, List, Optional, Tuple
 
 import numpy as np
 import torch
@@ -36,6 +43,8 @@ from .seeds import image_seeds
 log = get_logger(__name__)
 
 GRID_ROWS, GRID_COLS = 8, 8
+METRICS = ("fid", "sfid", "is", "pr")                  # names of --metrics
+PAPER_ORDER = ("fid", "sfid", "inception_score", "precision", "recall")
 
 
 @dataclass
@@ -57,6 +66,10 @@ class FidSettings:
     digits_metrics: str = "auto"        # auto | on | off
     inception_batch_size: int = 50
     progress: bool = True
+    metrics: str = "auto"               # auto | comma list of fid, sfid, is, pr
+    pr_samples: Optional[int] = None    # precision/recall over the first N samples (None: all)
+    pr_k: int = 3                       # neighbourhood size of the manifold estimate (ADM: 3)
+    precision: str = "auto"             # sampler weights: auto (bf16 on a GPU, fp32 on CPU) | bf16 | fp32
 
 
 def to_uint8_hwc(images: torch.Tensor) -> np.ndarray:
@@ -66,15 +79,69 @@ def to_uint8_hwc(images: torch.Tensor) -> np.ndarray:
         x = x.expand(-1, 3, -1, -1)
     if x.shape[1] != 3:
         raise ValueError(f"decoded images have {x.shape[1]} channels; expected 1 or 3.")
-    return x.permute(0, 2, 3, 1).contiguous().numpy()
+    return x.permute(0, 2, 3, 1).contiguous().cpu().numpy()  # quantised on the device: uint8 crosses
 
 
-def _fingerprint(s: FidSettings, source, cfg) -> Dict:
+def parse_metrics(spec: str) -> Optional[List[str]]:
+    """None for ``auto``; otherwise the named metrics (each then required)."""
+    if spec == "auto":
+        return None
+    names = [m.strip() for m in spec.split(",") if m.strip()]
+    bad = [m for m in names if m not in METRICS]
+    if bad or not names:
+        raise ValueError(f"--metrics {spec!r}: choose 'auto' or a comma list of {', '.join(METRICS)} "
+                         f"(pr = precision and recall).")
+    return names
+
+
+def plan_metrics(s: "FidSettings", extractor, ref) -> Tuple[Dict[str, bool], Dict[str, str]]:
+    """Which metrics this run computes, and why each other one is absent; errors for impossible requests.
+
+    Bad inputs stop here, before sampling: a named metric the inputs cannot give, a reference with fewer
+    than k + 1 images, fewer than k + 1 samples for precision/recall."""
+    asked = parse_metrics(s.metrics)
+    why: Dict[str, Optional[str]] = {}
+    no_ext = "--inception none: no features"
+    no_ref = "no --ref-stats given"
+    why["fid"] = no_ext if extractor is None else (no_ref if ref is None else None)
+    why["sfid"] = why["fid"] or ref.missing("sfid")
+    why["is"] = no_ext if extractor is None else (
+        None if extractor.has_logits else "the bundled extractor has no classifier (logits); pass --inception "
+                                          "pt_inception-2015-12-05-6726825d.pth (pytorch-fid's file)")
+    why["pr"] = why["fid"] or (None if ref.num_images else ref.missing("precision_recall", s.pr_k))
+    if asked is not None:
+        for m in asked:
+            if why[m]:
+                raise ValueError(f"--metrics {m} cannot be computed: {why[m]}.")
+    plan = {m: (why[m] is None and (asked is None or m in asked)) for m in METRICS}
+    if plan["pr"]:
+        if s.pr_k < 1:
+            raise ValueError(f"--pr-k {s.pr_k} must be >= 1.")
+        if s.pr_samples is not None and s.pr_samples < 1:
+            raise ValueError(f"--pr-samples {s.pr_samples} must be >= 1.")
+        reason = ref.missing("precision_recall", s.pr_k)
+        if reason:
+            raise ValueError(f"precision/recall: {reason}.")
+        n = min(s.num_samples, s.pr_samples or s.num_samples)
+        if n < s.pr_k + 1:
+            raise ValueError(f"precision/recall with k={s.pr_k} need at least {s.pr_k + 1} samples, this run "
+                             f"gives {n} (--num-samples / --pr-samples); or leave pr out of --metrics.")
+    absent = {}
+    for m in METRICS:
+        if not plan[m]:
+            absent[m] = why[m] or "not asked for (--metrics)"
+    return plan, absent
+
+
+def _fingerprint(s: FidSettings, source, cfg, precision: str = "fp32") -> Dict:
     sampler = {"temperature": s.temperature, "top_k": s.top_k, "num_steps": s.num_steps}
-    return {"source": source.identity, "weights": source.weights, "num_samples": s.num_samples, "seed": s.seed,
-            "batch_size": s.batch_size, "shard_size": s.shard_size, "num_classes": cfg.backbone.num_classes,
-            "sampler": sampler, "use_kv_cache": s.use_kv_cache, "tokenizer": cfg.tokenizer.name,
-            "seed_rule": "heptapod_ds.sampling.image_seeds/splitmix64-v1"}
+    fp = {"source": source.identity, "weights": source.weights, "num_samples": s.num_samples, "seed": s.seed,
+          "batch_size": s.batch_size, "shard_size": s.shard_size, "num_classes": cfg.backbone.num_classes,
+          "sampler": sampler, "use_kv_cache": s.use_kv_cache, "tokenizer": cfg.tokenizer.name,
+          "seed_rule": "heptapod_ds.sampling.image_seeds/splitmix64-v1"}
+    if precision != "fp32":  # fp32 runs keep the fingerprint (and the resumable shards) of earlier versions
+        fp["precision"] = precision
+    return fp
 
 
 def _broadcast(obj, src: int = 0):
@@ -111,7 +178,9 @@ class FidRun:
         from heptapod_ds.evaluation import load_ref_stats
         from heptapod_ds.evaluation.extractors import build_extractor
 
-        from .source import check_tokenizer_weights, load_sampling_source
+        from heptapod_ds.evaluation.reference import load_reference
+
+        from .source import check_tokenizer_weights, load_sampling_source, sampler_precision
 
         s = self.s
         self.info = parallel_state.get_info()
@@ -130,10 +199,13 @@ class FidRun:
             if s.ref_stats:
                 if self.extractor is None:
                     raise ValueError("--ref-stats needs a feature extractor; drop --inception none.")
-                self.ref = load_ref_stats(s.ref_stats, expected_dim=self.extractor.dim)
-            if self.extractor is not None and self.extractor.has_logits and s.num_samples < 10:
+                load_ref_stats(s.ref_stats, expected_dim=self.extractor.dim)  # its messages for mu/sigma
+                self.ref = load_reference(s.ref_stats, expected_dim=self.extractor.dim)
+            self.plan, self.absent = plan_metrics(s, self.extractor, self.ref)
+            if self.plan["is"] and s.num_samples < 10:
                 raise ValueError("the Inception Score uses 10 splits: ask for at least 10 samples.")
-            self.fingerprint = _fingerprint(s, self.source, self.cfg)
+            self.precision = sampler_precision(self.info.device, s.precision)
+            self.fingerprint = _fingerprint(s, self.source, self.cfg, self.precision)
             self.fp_hash = hashlib.sha256(json.dumps(self.fingerprint, sort_keys=True).encode()).hexdigest()
             if self.info.rank == 0:
                 self._claim_out_dir()
@@ -143,8 +215,8 @@ class FidRun:
         from heptapod_ds.tokenizers import build_tokenizer
         from .source import build_sampling_model
 
-        self.tokenizer = build_tokenizer(self.cfg.tokenizer)
-        self.model = build_sampling_model(self.source, device=self.info.device)
+        self.tokenizer = build_tokenizer(self.cfg.tokenizer).to(self.info.device)  # decodes on the device
+        self.model = build_sampling_model(self.source, device=self.info.device, precision=self.precision)
         self.source.state = {}  # the model holds the weights now
 
     def _claim_out_dir(self) -> None:
@@ -181,14 +253,17 @@ class FidRun:
     def _features(self, images: np.ndarray) -> Dict[str, np.ndarray]:
         if self.extractor is None:
             return {}
-        pool, logits = self.extractor(images)
-        out = {"pool": pool.numpy(), "extractor": np.array(self.extractor.name)}
-        if logits is not None:
-            out["logits"] = logits.numpy()
+        feats = self.extractor.features(images, spatial=True)
+        out = {"pool": feats["pool"].numpy(), "spatial": feats["spatial"].numpy(),
+               "extractor": np.array(self.extractor.name)}
+        if "logits" in feats:
+            out["logits"] = feats["logits"].numpy()
         return out
 
     @torch.no_grad()
     def _draw_shard(self, k: int, bar) -> None:
+        from .source import sampler_math
+
         s = self.s
         a, b = self.ranges[k]
         labels = class_balanced_labels(s.num_samples, self.num_classes, a, b)
@@ -196,9 +271,11 @@ class FidRun:
         chunks = []
         for i in range(0, b - a, s.batch_size):
             j = min(i + s.batch_size, b - a)
-            tokens = self.model.generate(labels[i:j].to(self.info.device), seeds[i:j], temperature=s.temperature,
-                                         top_k=s.top_k, num_steps=s.num_steps, use_kv_cache=s.use_kv_cache)
-            chunks.append(to_uint8_hwc(self.tokenizer.decode(tokens.cpu())))
+            with sampler_math(self.info.device):
+                tokens = self.model.generate(labels[i:j].to(self.info.device), seeds[i:j],
+                                             temperature=s.temperature, top_k=s.top_k, num_steps=s.num_steps,
+                                             use_kv_cache=s.use_kv_cache)
+                chunks.append(to_uint8_hwc(self.tokenizer.decode(tokens)))
             if bar is not None:
                 bar.update(j - i)
         images = np.concatenate(chunks)
@@ -239,45 +316,118 @@ class FidRun:
         data, why = sh.read_shard(sh.shard_path(self.s.out, k), self.fp_hash, a, b, features=name)
         if data is None:
             raise RuntimeError(f"shard {k} is {why} after sampling; rerun to draw it again.")
-        if self.extractor is not None and "pool" not in data:  # drawn earlier without this extractor
+        if self.extractor is not None and ("pool" not in data or "spatial" not in data):
+            # drawn earlier without this extractor (or before spatial features were kept)
             data.update(self._features(data["images"]))
             sh.write_shard(sh.shard_path(self.s.out, k), data)
         return data
 
     def score(self) -> Dict:
+        """FID, sFID, Inception Score, precision and recall (what the plan holds); rank 0 returns them."""
         from heptapod_ds.evaluation import FeatureStats, InceptionScoreStats, frechet_distance_from_stats
         from heptapod_ds.evaluation import save_ref_stats
+        from heptapod_ds.evaluation.collectives import gather_rows
 
-        s, info = self.s, self.info
+        s, info, plan = self.s, self.info, self.plan
         result: Dict = {}
+        timing: Dict[str, float] = {}
         stats = FeatureStats(self.extractor.dim) if self.extractor is not None else None
-        isc = None
-        if self.extractor is not None and self.extractor.has_logits:
-            isc = InceptionScoreStats(self.extractor.num_logits, s.num_samples)
+        sstats = FeatureStats(self.extractor.spatial_dim) if plan["sfid"] else None
+        isc = InceptionScoreStats(self.extractor.num_logits, s.num_samples) if plan["is"] else None
+        pr_n = min(s.num_samples, s.pr_samples or s.num_samples)
+        pr_pool, pr_idx = [], []
+        t_spatial = 0.0
         for k in range(info.rank, len(self.ranges), info.world_size):
             data = self._shard(k)
             if stats is not None:
                 stats.add(data["pool"])
+            if sstats is not None:
+                t0 = time.time()
+                sstats.add(data["spatial"])
+                t_spatial += time.time() - t0
             if isc is not None:
                 isc.add(data["logits"], data["indices"])
+            if plan["pr"]:
+                keep = data["indices"] < pr_n
+                pr_pool.append(data["pool"][keep])
+                pr_idx.append(data["indices"][keep])
         if stats is not None:
             stats.all_reduce()
             self.feature_stats = stats
+        if sstats is not None:
+            t0 = time.time()
+            sstats.all_reduce()
+            timing["sfid_stats_s"] = round(t_spatial + time.time() - t0, 3)
         if isc is not None:
             isc.all_reduce()
+        pr = None
+        if plan["pr"]:
+            pr = self._precision_recall(pr_pool, pr_idx, pr_n, gather_rows, timing)
         if info.rank != 0:
             return result
         if stats is not None:
             mu, sigma = stats.mean_cov()
+            extra = {}
+            if sstats is not None:
+                extra["mu_s"], extra["sigma_s"] = sstats.mean_cov()
             save_ref_stats(os.path.join(s.out, "samples_stats.npz"), mu, sigma,
-                           {"extractor": self.extractor.name, "count": stats.count, "source": s.ckpt})
+                           {"extractor": self.extractor.name, "count": stats.count, "source": s.ckpt}, **extra)
             result["extractor"] = self.extractor.name
             if self.ref is not None:
-                result["fid"] = frechet_distance_from_stats(mu, sigma, self.ref[0], self.ref[1])
                 result["ref_stats"] = os.path.abspath(s.ref_stats)
+            if plan["fid"]:
+                result["fid"] = frechet_distance_from_stats(mu, sigma, self.ref.mu, self.ref.sigma)
+            if sstats is not None:
+                t0 = time.time()
+                result["sfid"] = frechet_distance_from_stats(extra["mu_s"], extra["sigma_s"], self.ref.mu_s,
+                                                             self.ref.sigma_s)
+                timing["sfid_stats_s"] = round(timing["sfid_stats_s"] + time.time() - t0, 3)
         if isc is not None:
             result["inception_score"], result["inception_score_std"] = isc.score()
+        if pr is not None:
+            result["precision"], result["recall"] = pr.precision, pr.recall
+        absent = {}
+        for m, keys in (("fid", ("fid",)), ("sfid", ("sfid",)), ("is", ("inception_score",)),
+                        ("pr", ("precision", "recall"))):
+            if not plan[m]:
+                for key in keys:
+                    result[key] = None
+                    absent[key] = self.absent[m]
+        result["metrics"] = {
+            "order": list(PAPER_ORDER), "absent": absent, "definitions": "OpenAI ADM evaluator "
+            "(guided-diffusion evaluations/evaluator.py)",
+            "num_samples": s.num_samples, "reference": self.ref.path if self.ref is not None else None,
+            "extractor": self.extractor.name if self.extractor is not None else None,
+            "spatial_features": "mixed_6/conv[..., :7], NHWC, 2023 values" if plan["sfid"] else None,
+            "precision_recall": None if pr is None else {
+                "k": pr.k, "num_samples": pr.num_samples, "num_reference": pr.num_reference,
+                "samples": f"images 0..{pr.num_samples - 1}", "distance": "squared euclidean of pool features, "
+                "float64, blocks of 10000 x 10000"},
+            "inception_score_splits": 10 if plan["is"] else None, "timing": timing}
         return result
+
+    def _precision_recall(self, pools, indices, pr_n, gather_rows, timing):
+        """Gather the first ``pr_n`` samples' pool features to rank 0 and score them there."""
+        from heptapod_ds.evaluation.precision_recall import precision_recall
+        from heptapod_ds.evaluation.reference import reference_pool_features
+
+        s = self.s
+        t0 = time.time()
+        ref_pool = reference_pool_features(self.ref, self.extractor, os.path.join(s.out, "ref_features.npz"),
+                                           batch_size=s.inception_batch_size)
+        timing["ref_features_s"] = round(time.time() - t0, 3)
+        t0 = time.time()
+        pool = torch.from_numpy(np.concatenate(pools)) if pools else torch.zeros(0, self.extractor.dim)
+        idx = torch.from_numpy(np.concatenate(indices)) if indices else torch.zeros(0, dtype=torch.long)
+        pool, idx = gather_rows(pool), gather_rows(idx.long())
+        if self.info.rank != 0:
+            return None
+        order = torch.argsort(idx)
+        if not torch.equal(idx[order], torch.arange(pr_n)):
+            raise RuntimeError(f"precision/recall: gathered {idx.numel()} sample features, expected images 0..{pr_n - 1}.")
+        pr = precision_recall(ref_pool, pool[order], k=s.pr_k, device=self.extractor.device)
+        timing["precision_recall_s"] = round(time.time() - t0, 3)
+        return pr
 
     def write_outputs(self, result: Dict) -> Dict:
         s = self.s

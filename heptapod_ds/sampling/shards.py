@@ -57,6 +57,7 @@ def read_shard(path: str, fingerprint: str, start: int, stop: int,
         return None, "images are not uint8 [S, H, W, 3]"
     if features is not None and str(data.get("extractor", "")) != features:
         data.pop("pool", None)
+        data.pop("spatial", None)
         data.pop("logits", None)
     return data, ""
 

@@ -6,6 +6,7 @@ folder, no EMA, missing tokenizer weights) is an error here, before any model is
 """
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -78,11 +79,58 @@ def load_sampling_source(path: str, weights: str = "ema") -> SamplingSource:
                           f"checkpoint:{ckpt.dir.resolve()}:step{ckpt.step}", ckpt.step)
 
 
-def build_sampling_model(source: SamplingSource, device=None):
-    """The source's model (TP=1 on this rank) in eval mode with its weights loaded."""
+def sampler_precision(device, precision: str = "auto") -> str:
+    """``auto``: bf16 weights on a GPU, fp32 on the CPU (where CPU runs keep their samples bit for bit)."""
+    if precision not in ("auto", "bf16", "fp32"):
+        raise ValueError(f"precision must be auto, bf16 or fp32, got {precision!r}.")
+    if precision == "auto":
+        return "bf16" if torch.device(device or "cpu").type == "cuda" else "fp32"
+    return precision
+
+
+def cast_weights(model: torch.nn.Module, precision: str) -> torch.nn.Module:
+    """Floating-point *parameters* to bf16 for ``precision="bf16"``; buffers (rotary frequencies) stay fp32,
+    as DeepSpeed's bf16 engine leaves them in training. The model's own sampler keeps its DDPM chain in
+    fp32 (``DiffusionLoss.sample``) and its categorical draws on fp32 probabilities."""
+    if precision == "bf16":
+        for p in model.parameters():
+            if p.is_floating_point():
+                p.data = p.data.to(torch.bfloat16)
+    return model
+
+
+@contextlib.contextmanager
+def sampler_math(device):
+    """TF32 for matmul and cuDNN inside the block on a GPU (restored afterwards); nothing on the CPU.
+
+    The Inception features are extracted outside it, in full fp32, as the reference statistics were."""
+    if torch.device(device or "cpu").type != "cuda":
+        yield
+        return
+    matmul, conv = torch.backends.cuda.matmul, torch.backends.cudnn.conv
+    if hasattr(matmul, "fp32_precision") and hasattr(conv, "fp32_precision"):  # torch >= 2.9
+        before = (matmul.fp32_precision, conv.fp32_precision)
+        matmul.fp32_precision, conv.fp32_precision = "tf32", "tf32"
+        try:
+            yield
+        finally:
+            matmul.fp32_precision, conv.fp32_precision = before
+        return
+    before = (matmul.allow_tf32, torch.backends.cudnn.allow_tf32)
+    matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = True, True
+    try:
+        yield
+    finally:
+        matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = before
+
+
+def build_sampling_model(source: SamplingSource, device=None, precision: str = "auto"):
+    """The source's model (TP=1 on this rank) in eval mode with its weights loaded; bf16 weights on a GPU
+    (``precision="auto"``), fp32 on the CPU."""
     from heptapod_ds.checkpoint.release import load_state_into
     from heptapod_ds.model import build_model
 
     model = build_model(source.cfg, device=device)
     load_state_into(model, source.state, where=source.path)
-    return model.eval()
+    dev = device if device is not None else next(model.parameters()).device
+    return cast_weights(model, sampler_precision(dev, precision)).eval()

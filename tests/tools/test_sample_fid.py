@@ -180,3 +180,119 @@ def _edit_release(release, out, edit):
                                    "sha256": sha256_file(out / "config.json")}
     (out / "release.json").write_text(json.dumps(rel))
     return out
+
+
+# ---------------------------------------------------------------------------- the ADM evaluator's five numbers
+
+def _ref_tool(repo_root):
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("ref_stats_tool", os.path.join(repo_root, "tools", "ref_stats.py"))
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+@pytest.fixture(scope="module")
+def ref_batch(tmp_path_factory, repo_root_module):
+    """An ADM-layout reference batch of 10 random 8x8 images, all kept (so its statistics are those of
+    its arr_0), written by tools/ref_stats.py --keep-images."""
+    d = tmp_path_factory.mktemp("refbatch")
+    images = np.random.default_rng(5).integers(0, 256, size=(10, 8, 8, 3), dtype=np.uint8)
+    np.savez(d / "imgs.npz", arr_0=images)
+    assert _ref_tool(repo_root_module).main(["--images", str(d / "imgs.npz"), "--out", str(d / "ref.npz"),
+                                             "--keep-images", "10", "--no-progress"]) == 0
+    with np.load(d / "ref.npz") as z:
+        assert np.array_equal(z["arr_0"], images) and z["mu_s"].shape == (2023,) and z["sigma"].shape == (2048, 2048)
+    return d / "ref.npz"
+
+
+def _direct_frechet(a, b):
+    """Float64 Fréchet distance of two feature sets through the nuclear norm of A^T B (no d x d sqrt)."""
+    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
+    ca, cb = a - a.mean(0), b - b.mean(0)
+    trace_sqrt = np.linalg.svd(ca @ cb.T / np.sqrt((len(a) - 1) * (len(b) - 1)), compute_uv=False).sum()
+    d = a.mean(0) - b.mean(0)
+    return d @ d + (ca ** 2).sum() / (len(a) - 1) + (cb ** 2).sum() / (len(b) - 1) - 2 * trace_sqrt
+
+
+def _brute_pr(ref, smp, k=3):
+    def d2(u, v):
+        return ((u[:, None, :].astype(np.float64) - v[None, :, :]) ** 2).sum(-1)
+    r_ref, r_smp = np.sort(d2(ref, ref), 1)[:, k], np.sort(d2(smp, smp), 1)[:, k]
+    cross = d2(smp, ref)
+    return float((cross <= r_ref[None]).any(1).mean()), float((cross.T <= r_smp[None]).any(1).mean())
+
+
+@pytest.mark.slow
+def test_five_numbers_one_rank_equal_two_ranks_and_direct_computation(release, ref_batch, tmp_path, repo_root):
+    from heptapod_ds.evaluation.extractors import build_extractor
+
+    one, two = tmp_path / "one", tmp_path / "two"
+    args = ("--ref-stats", str(ref_batch), "--pr-samples", "10", "--metrics", "fid,sfid,pr")
+    out1 = _ok(run_script(_args(release, one, *args), world_size=1, cwd=str(repo_root), timeout=900))[0].stdout
+    _ok(run_script(_args(release, two, *args), world_size=2, cwd=str(repo_root), timeout=900))
+    r1, r2 = json.loads((one / "result.json").read_text()), json.loads((two / "result.json").read_text())
+    for key in ("fid", "sfid"):
+        assert r1[key] > 0 and r2[key] == pytest.approx(r1[key], rel=1e-9), key
+    assert (r1["precision"], r1["recall"]) == (r2["precision"], r2["recall"])
+    assert r1["inception_score"] is None and "no classifier" in r1["metrics"]["absent"]["inception_score"]
+    pr = r1["metrics"]["precision_recall"]
+    assert (pr["k"], pr["num_samples"], pr["num_reference"]) == (3, 10, 10)
+    assert r1["metrics"]["order"] == ["fid", "sfid", "inception_score", "precision", "recall"]
+    assert "sfid=" in out1 and "precision=" in out1 and "absent: inception_score" in out1
+    assert (one / "ref_features.npz").is_file() and (two / "ref_features.npz").is_file()
+    assert (one / "samples.npz").read_bytes() == (two / "samples.npz").read_bytes()
+    # the same numbers from features extracted here, in the tool's batches (one per shard of 4)
+    torch.set_num_threads(1)
+    ext = build_extractor("bundled")
+    samples = _arr(one)
+    with np.load(ref_batch) as z:
+        ref_imgs = z["arr_0"]
+    f_smp = [ext.features(samples[a:a + 4]) for a in range(0, 12, 4)]
+    f_ref = ext.features(ref_imgs)
+    smp_pool = np.concatenate([f["pool"].numpy() for f in f_smp])
+    smp_spatial = np.concatenate([f["spatial"].numpy() for f in f_smp])
+    assert r1["fid"] == pytest.approx(_direct_frechet(smp_pool, f_ref["pool"].numpy()), rel=1e-6)
+    assert r1["sfid"] == pytest.approx(_direct_frechet(smp_spatial, f_ref["spatial"].numpy()), rel=1e-6)
+    assert (r1["precision"], r1["recall"]) == _brute_pr(f_ref["pool"].numpy(), smp_pool[:10])
+    # a second scoring reads the cached reference features
+    with np.load(one / "ref_features.npz") as z:
+        np.testing.assert_allclose(z["pool"], f_ref["pool"].numpy(), rtol=1e-5, atol=1e-6)
+    with np.load(one / "samples_stats.npz") as z:
+        assert z["mu_s"].shape == (2023,) and z["sigma_s"].shape == (2023, 2023)
+
+
+def test_stats_only_reference_reports_absent_metrics_and_bad_inputs_stop_before_sampling(
+        release, tmp_path, single_rank):
+    mar = tmp_path / "mar_stats.npz"
+    np.savez(mar, mu=np.zeros(2048), sigma=np.eye(2048))
+    with pytest.raises(ValueError, match="--metrics sfid cannot be computed.*no spatial statistics"):
+        _run_inprocess(ckpt=str(release), num_samples=10, out=str(tmp_path / "a"), ref_stats=str(mar),
+                       metrics="fid,sfid", progress=False)
+    with pytest.raises(ValueError, match="--metrics pr cannot be computed.*holds no images"):
+        _run_inprocess(ckpt=str(release), num_samples=10, out=str(tmp_path / "b"), ref_stats=str(mar),
+                       metrics="pr", progress=False)
+    few = tmp_path / "few.npz"
+    np.savez(few, mu=np.zeros(2048), sigma=np.eye(2048), arr_0=np.zeros((3, 8, 8, 3), np.uint8))
+    with pytest.raises(ValueError, match="holds 3 images; precision/recall with k=3 need >= 4"):
+        _run_inprocess(ckpt=str(release), num_samples=10, out=str(tmp_path / "c"), ref_stats=str(few),
+                       progress=False)
+    ok = tmp_path / "ok.npz"
+    np.savez(ok, mu=np.zeros(2048), sigma=np.eye(2048), arr_0=np.zeros((5, 8, 8, 3), np.uint8))
+    with pytest.raises(ValueError, match="need at least 4 samples, this run gives 2"):
+        _run_inprocess(ckpt=str(release), num_samples=10, out=str(tmp_path / "d"), ref_stats=str(ok),
+                       pr_samples=2, progress=False)
+    with pytest.raises(ValueError, match="--metrics 'fid,kid'"):
+        _run_inprocess(ckpt=str(release), num_samples=10, out=str(tmp_path / "e"), metrics="fid,kid",
+                       progress=False)
+    for d in "abcde":
+        assert not (tmp_path / d / "shards").exists() or not os.listdir(tmp_path / d / "shards")
+    # MAR's stats-only file: FID, and the others absent with their reasons (not zero)
+    res = _run_inprocess(ckpt=str(release), num_samples=10, out=str(tmp_path / "f"), ref_stats=str(mar),
+                         shard_size=10, batch_size=10, digits_metrics="off", progress=False)
+    assert res["fid"] > 0
+    absent = res["metrics"]["absent"]
+    for key in ("sfid", "precision", "recall", "inception_score"):
+        assert res[key] is None and absent[key], key
+    assert "no spatial statistics" in absent["sfid"] and "no images" in absent["precision"]
