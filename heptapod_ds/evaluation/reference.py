@@ -187,7 +187,7 @@ def reference_pool_features(ref: Reference, extractor, cache_path: str, group=No
         return None
     pool = pool[torch.argsort(index)].numpy()
     os.makedirs(os.path.dirname(os.path.abspath(cache_path)), exist_ok=True)
-    tmp = cache_path + ".tmp.npz"
+    tmp = f"{cache_path}.{os.getpid()}.tmp.npz"   # one per writer (each data-parallel group's first rank)
     np.savez(tmp, pool=pool, identity=np.array(json.dumps(identity, sort_keys=True)))
     os.replace(tmp, cache_path)
     return pool

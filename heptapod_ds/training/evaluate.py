@@ -2,9 +2,14 @@
 embedded digits data, class-consistency and Fréchet distance from :class:`DigitsJudge`.
 
 All ranks sample (ZeRO-3 gathers parameters collectively): each data-parallel rank draws an equal
-share of the labels, tensor-parallel peers draw identical samples, and the images are gathered to
-rank 0. Image i is seeded by ``image_seeds(sampling.seed, i)``, so the images do not depend on the
-number of data-parallel ranks or on the batch size.
+share of the labels, tensor-parallel peers draw identical samples, and the tokens are gathered to
+rank 0, which alone decodes them (the grid and the digits scores are its work). Image i is seeded by
+``image_seeds(sampling.seed, i)``, so the images do not depend on the number of data-parallel ranks or
+on the batch size.
+
+The tokenizer (the KL-16 / VQ decoder on ImageNet) is built once per trainer and kept on the model's
+device; collectives move their tensors to the device the group's backend needs (CUDA for NCCL). On a
+GPU the sampler runs with TF32 matmul/cuDNN (the weights are the engine's, bf16 in a bf16 run).
 """
 from __future__ import annotations
 
@@ -29,18 +34,31 @@ GRID_PER_CLASS = 10  # columns of the sample grid
 
 
 def _gather_dp(x: torch.Tensor) -> torch.Tensor:
-    group = parallel_state.dp_group()
-    size = dist.get_world_size(group) if dist.is_initialized() else 1
-    if size == 1:
+    """Concatenation over the data-parallel group of ``x`` (equal shapes), on the collective's device
+    during the gather (a host tensor over NCCL fails) and on ``x``'s device afterwards."""
+    from heptapod_ds.evaluation.collectives import all_gather_equal
+
+    if not dist.is_initialized():
         return x
-    parts = [torch.empty_like(x) for _ in range(size)]
-    dist.all_gather(parts, x.contiguous(), group=group)
-    return torch.cat(parts)
+    return all_gather_equal(x, parallel_state.dp_group())
 
 
-def _generate(trainer, labels: torch.Tensor) -> torch.Tensor:
-    """Sample images for ``labels`` (the same list on every rank); returns decoded images on rank 0."""
+def _tokenizer(trainer):
+    """The run's tokenizer, built once per trainer (the KL-16 decoder's weights are read once, not at every
+    evaluation) and kept on the trainer's device."""
     from heptapod_ds.tokenizers import build_tokenizer
+
+    tok = trainer.__dict__.get("_eval_tokenizer")
+    if tok is None:
+        tok = build_tokenizer(trainer.cfg.tokenizer).to(trainer.device)
+        trainer.__dict__["_eval_tokenizer"] = tok
+    return tok
+
+
+def _generate(trainer, labels: torch.Tensor):
+    """Sample images for ``labels`` (the same list on every rank); returns the decoded images (on the host)
+    on rank 0, None on the other ranks."""
+    from heptapod_ds.sampling.source import sampler_math
 
     cfg, info = trainer.cfg, trainer.info
     n = labels.numel()
@@ -54,7 +72,7 @@ def _generate(trainer, labels: torch.Tensor) -> torch.Tensor:
     chunks = []
     trainer.engine.eval()
     preempt = getattr(trainer, "preempt", None)
-    with swap, torch.no_grad():
+    with swap, torch.no_grad(), sampler_math(trainer.device):
         for i in range(0, per_rank, cfg.sampling.batch_size):
             fault_point("eval.batch", i // cfg.sampling.batch_size)
             if preempt is not None:  # sampling can take long: a preemption signal must not wait for its end
@@ -63,8 +81,10 @@ def _generate(trainer, labels: torch.Tensor) -> torch.Tensor:
             chunks.append(trainer.model.generate(mine[i:j], seeds[i:j]))
     trainer.engine.train()
     tokens = _gather_dp(torch.cat(chunks))[:n]
-    tok = build_tokenizer(cfg.tokenizer)
-    return tok.decode(tokens.cpu()).float().clamp(0, 1)
+    if not parallel_state.is_rank0():
+        return None
+    with torch.no_grad(), sampler_math(trainer.device):
+        return _tokenizer(trainer).decode(tokens.to(trainer.device)).float().clamp(0, 1).cpu()
 
 
 @functools.lru_cache(maxsize=1)
@@ -128,13 +148,18 @@ def fid_during_training(trainer) -> Dict[str, float]:
     Same rules as tools/sample_fid.py: image i has label ``i % C`` and seed ``image_seeds(sampling.seed, i)``;
     each data-parallel rank draws a contiguous share, extracts its features and adds them to float64
     sums, reduced over the data-parallel group. Logged to metrics.jsonl / wandb as ``fid`` (and
-    ``fid_digits_class_consistency`` / ``fid_digits_frechet``).
+    ``fid_digits_class_consistency`` / ``fid_digits_frechet``). With ``eval.fid_sfid`` also ``sfid`` (the
+    spatial features' statistics, reduced the same way), with ``eval.fid_precision_recall`` also
+    ``precision`` / ``recall`` (ADM's k = 3 manifold estimate: pool features gathered to rank 0, against
+    the reference images' features, computed once and cached in ``run_dir/fid_ref_features.npz``).
+    Each rank decodes, on its device, the images it scores.
     """
-    from heptapod_ds.evaluation import FeatureStats, frechet_distance_from_stats, load_ref_stats
+    from heptapod_ds.evaluation import FeatureStats, frechet_distance_from_stats
     from heptapod_ds.evaluation.extractors import build_extractor
+    from heptapod_ds.evaluation.reference import load_reference
     from heptapod_ds.sampling.fid_run import to_uint8_hwc
     from heptapod_ds.sampling.labels import class_balanced_labels
-    from heptapod_ds.tokenizers import build_tokenizer
+    from heptapod_ds.sampling.source import sampler_math
 
     cfg, info = trainer.cfg, trainer.info
     ev = cfg.eval
@@ -144,32 +169,45 @@ def fid_during_training(trainer) -> Dict[str, float]:
     labels = class_balanced_labels(n, cfg.backbone.num_classes, start, stop).to(trainer.device)
     seeds = image_seeds(cfg.sampling.seed, range(start, stop))
     cache = trainer.__dict__.setdefault("_fid_cache", {})
-    if "tokenizer" not in cache:
-        cache["tokenizer"] = build_tokenizer(cfg.tokenizer)
+    if "extractor" not in cache:
         cache["extractor"] = build_extractor(ev.fid_inception, device=trainer.device) if ev.fid_ref else None
-        cache["ref"] = load_ref_stats(os.path.expanduser(ev.fid_ref)) if ev.fid_ref else None
+        cache["ref"] = load_reference(os.path.expanduser(ev.fid_ref)) if ev.fid_ref else None
+    tokenizer, extractor, ref = _tokenizer(trainer), cache["extractor"], cache["ref"]
+    want_sfid = extractor is not None and getattr(ev, "fid_sfid", False)
+    want_pr = extractor is not None and getattr(ev, "fid_precision_recall", False)
     t0 = time.time()
     swap = trainer.ema.swap(trainer.engine) if (trainer.ema is not None and cfg.sampling.use_ema) \
         else contextlib.nullcontext()
     images = []
     trainer.engine.eval()
-    with swap, torch.no_grad():
+    with swap, torch.no_grad(), sampler_math(trainer.device):
         for i in range(0, stop - start, cfg.sampling.batch_size):
             j = min(i + cfg.sampling.batch_size, stop - start)
             tokens = trainer.model.generate(labels[i:j], seeds[i:j])
-            images.append(to_uint8_hwc(cache["tokenizer"].decode(tokens.cpu())))
+            images.append(to_uint8_hwc(tokenizer.decode(tokens)))
     trainer.engine.train()
     size = cfg.tokenizer.image_size
     mine = np.concatenate(images) if images else np.zeros((0, size, size, 3), np.uint8)
     out: Dict[str, float] = {"fid_samples": n, **trainer.progress()}  # curves against steps, images and FLOPs
-    if cache["extractor"] is not None:
-        stats = FeatureStats(cache["extractor"].dim)
-        if len(mine):
-            stats.add(cache["extractor"](mine)[0])
+    if extractor is not None:
+        stats = FeatureStats(extractor.dim)
+        sstats = FeatureStats(extractor.spatial_dim) if want_sfid else None
+        feats = extractor.features(mine, spatial=want_sfid) if len(mine) else None
+        if feats is not None:
+            stats.add(feats["pool"])
+            if sstats is not None:
+                sstats.add(feats["spatial"])
         _dp_all_reduce_stats(stats)
+        if sstats is not None:
+            _dp_all_reduce_stats(sstats)
         if parallel_state.is_rank0():
             mu, sigma = stats.mean_cov()
-            out["fid"] = frechet_distance_from_stats(mu, sigma, *cache["ref"][:2])
+            out["fid"] = frechet_distance_from_stats(mu, sigma, ref.mu, ref.sigma)
+            if sstats is not None:
+                out["sfid"] = frechet_distance_from_stats(*sstats.mean_cov(), ref.mu_s, ref.sigma_s)
+        if want_pr:
+            pool = feats["pool"] if feats is not None else torch.zeros(0, extractor.dim)
+            out.update(_precision_recall_in_training(trainer, cache, extractor, ref, pool))
     if cfg.data.path == "digits" and size == 8:  # the same on every rank: all join the gather
         full = _gather_dp(_pad_to(torch.from_numpy(mine), per_rank))
         if parallel_state.is_rank0():
@@ -185,6 +223,24 @@ def fid_during_training(trainer) -> Dict[str, float]:
         log.info("in-training FID at step %d: %s", trainer.step,
                  ", ".join(f"{k} {v:.4g}" for k, v in out.items()))
     return out
+
+
+def _precision_recall_in_training(trainer, cache, extractor, ref, pool: torch.Tensor) -> Dict[str, float]:
+    """Precision/recall of this evaluation's samples (every data-parallel rank's contiguous share, gathered
+    to rank 0 in rank order = image order) against the reference images."""
+    from heptapod_ds.evaluation.collectives import gather_rows
+    from heptapod_ds.evaluation.precision_recall import precision_recall
+    from heptapod_ds.evaluation.reference import reference_pool_features
+
+    group = parallel_state.dp_group() if dist.is_initialized() else None
+    if "ref_pool" not in cache:
+        path = os.path.join(trainer.cfg.run_dir, "fid_ref_features.npz")
+        cache["ref_pool"] = reference_pool_features(ref, extractor, path, group=group)
+    everyone = gather_rows(pool, group) if group is not None else pool
+    if not parallel_state.is_rank0():
+        return {}
+    pr = precision_recall(cache["ref_pool"], everyone, device=extractor.device)
+    return {"precision": pr.precision, "recall": pr.recall}
 
 
 def _pad_to(x: torch.Tensor, rows: int) -> torch.Tensor:
