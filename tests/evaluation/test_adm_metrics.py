@@ -56,6 +56,16 @@ def test_spatial_features_are_torchscript_mixed_6_conv_first_7_channels_nhwc(bun
     assert feats["spatial"][1, (4 * 17 + 9) * 7 + 5] == pytest.approx(float(conv[1, 5, 4, 9]), rel=1e-5, abs=1e-6)
     pool, logits = bundled(images)                # the plain call is unchanged, bit for bit
     assert torch.equal(pool, feats["pool"]) and logits is None and "logits" not in feats
+    # with a classifier (the pytorch-fid file's layout) the same pass gives the logits too
+    import copy
+
+    from heptapod_ds.evaluation.extractors import FeatureExtractor
+
+    net = copy.deepcopy(bundled.net)
+    net.fc = torch.nn.Linear(2048, 1008)
+    with_fc = FeatureExtractor(net, name="test-fc", batch_size=4)
+    both = with_fc.features(images)
+    assert torch.equal(both["logits"], with_fc(images)[1]) and torch.equal(both["spatial"], feats["spatial"])
 
 
 def _direct_frechet(a, b):
