@@ -21,16 +21,12 @@ import time
 from collections import OrderedDict
 from typing import Any, Dict, List, Optional
 
+from .progress import _bar, _peak_rss_mib, start_peak_sampler
+
 log = logging.getLogger("convert_ckpt")
 
 
 # --------------------------------------------------------------------------- helpers
-
-def _bar(total: int, desc: str):
-    from tqdm import tqdm
-
-    return tqdm(total=total, desc=desc, unit="shard", dynamic_ncols=True, disable=None)
-
 
 def _module_counts(names_numels) -> "OrderedDict[str, int]":
     """Parameter count per module (two name levels, e.g. ``backbone.decoder``) and per top-level module."""
@@ -42,45 +38,6 @@ def _module_counts(names_numels) -> "OrderedDict[str, int]":
                 key = ".".join(parts[:depth])
                 out[key] = out.get(key, 0) + n
     return out
-
-
-class _AnonPeak:
-    """Peak anonymous memory (``RssAnon``) of this process, sampled by a thread: ``ru_maxrss`` also counts
-    the pages of memory-mapped checkpoint files, which the kernel drops under pressure."""
-
-    def __init__(self, interval: float = 0.05):
-        import threading
-
-        self.peak_kib = 0
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, args=(interval,), daemon=True)
-        self._thread.start()
-
-    def sample(self) -> None:
-        try:
-            with open("/proc/self/status") as fh:
-                for line in fh:
-                    if line.startswith("RssAnon:"):
-                        self.peak_kib = max(self.peak_kib, int(line.split()[1]))
-        except OSError:
-            pass
-
-    def _run(self, interval: float) -> None:
-        while not self._stop.wait(interval):
-            self.sample()
-
-
-_ANON: Optional[_AnonPeak] = None
-
-
-def _peak_rss_mib() -> str:
-    import resource
-
-    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
-    if _ANON is None:
-        return f"{rss:.0f} MiB"
-    _ANON.sample()
-    return f"{rss:.0f} MiB (anonymous {_ANON.peak_kib / 1024.0:.0f} MiB)"
 
 
 # --------------------------------------------------------------------------- commands
@@ -293,10 +250,8 @@ def _add_writers(sub) -> None:
 def main(argv: Optional[List[str]] = None) -> int:
     import warnings
 
-    global _ANON
     args = build_parser().parse_args(argv)
-    if _ANON is None:
-        _ANON = _AnonPeak()
+    start_peak_sampler()
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     warnings.filterwarnings("ignore", category=UserWarning, module=r"megatron(\.|$)")

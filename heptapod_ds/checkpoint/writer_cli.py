@@ -85,7 +85,7 @@ def _normalise_position(data: Dict[str, Any], cfg) -> Dict[str, Any]:
 def _write_run(out: pathlib.Path, force: bool, state, tcfg, bar_desc: str, spill=None) -> pathlib.Path:
     from heptapod_ds.config.loader import to_yaml
 
-    from .cli import _bar
+    from .progress import _bar
     from .output import staged_dir
     from .writer import LayoutWriter
 
@@ -107,7 +107,7 @@ def cmd_reshard(args) -> int:
 
     from heptapod_ds.engine import safe_load
 
-    from .cli import _bar, _peak_rss_mib
+    from .progress import _bar, _peak_rss_mib
     from .output import check_free
     from .reader import KINDS, TrainingCheckpoint
     from .world import ensure_local_world
@@ -187,7 +187,7 @@ def _fresh_rng(seed: int) -> Dict[str, Any]:
 
 
 def cmd_from_release(args) -> int:
-    from .cli import _peak_rss_mib
+    from .progress import _peak_rss_mib
     from .names import model_spec
     from .output import check_free
     from .release import RELEASE_FILE, load_release, verify_release
