@@ -42,7 +42,7 @@ def _attempt(device: str, preset: str, micro_batch: int, steps: int) -> Dict:
     from heptapod_ds.config import load_config
     from heptapod_ds.engine import NonFiniteGuard, build_engine, train_step
     from heptapod_ds.model import build_model
-    from heptapod_ds.model.flops import train_flops_per_image
+    from heptapod_ds.cost.flops import train_flops_per_image
 
     from .train import _batch
 

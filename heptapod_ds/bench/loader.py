@@ -129,7 +129,7 @@ def _rate(iterable, max_batches: int) -> float:
 def consumption() -> Dict[str, float]:
     """Images/s one H200 trains at 45% MFU for presets B and H (FLOPs from the model's accounting)."""
     from heptapod_ds.config import load_config
-    from heptapod_ds.model.flops import train_flops_per_image
+    from heptapod_ds.cost.flops import train_flops_per_image
 
     out = {}
     for preset in ("B", "H"):

@@ -65,7 +65,7 @@ def run(preset: str, micro_batch: int, repeats: int, peak_size: int) -> List[Dic
     """Rows ``train/*`` and ``mfu/*``; call inside a 1-rank world (see :func:`__main__._single_rank`)."""
     from heptapod_ds.engine import NonFiniteGuard, build_engine, train_step
     from heptapod_ds.model import build_model
-    from heptapod_ds.model.flops import train_flops_per_image
+    from heptapod_ds.cost.flops import train_flops_per_image
 
     from .reference import plain_reference
 

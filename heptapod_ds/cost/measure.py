@@ -14,6 +14,19 @@ from typing import Dict
 
 import torch
 
+_ACTIVE = []  # pack functions of the counters running now (checkpoint regions report their inputs here)
+
+
+def note_region_inputs(args, kwargs) -> None:
+    """A checkpointed region keeps its tensor inputs alive for backward without autograd saving them:
+    count them like saved tensors (called by :func:`heptapod_ds.model.recompute.checkpointed_call`)."""
+    if not _ACTIVE:
+        return
+    for value in list(args) + list(kwargs.values()):
+        if torch.is_tensor(value):
+            for pack in _ACTIVE:
+                pack(value)
+
 
 @contextlib.contextmanager
 def count_saved(model, parts=("backbone", "head", "output")):
@@ -49,10 +62,12 @@ def count_saved(model, parts=("backbone", "head", "output")):
         return t
 
     out: Dict[str, int] = {}
+    _ACTIVE.append(pack)
     try:
         with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
             yield out
     finally:
+        _ACTIVE.remove(pack)
         for h in handles:
             h.remove()
         for name in (*parts, "other"):

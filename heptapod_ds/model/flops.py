@@ -1,21 +1,19 @@
-"""Parameter counts and training FLOPs per image of a Heptapod config.
+"""Parameter counts of a built model and the FLOPs accounting (moved to :mod:`heptapod_ds.cost.flops`).
 
-``param_counts`` builds the model on the meta device (no memory) and counts the *full* model:
-TP-sharded tensors count ``tp_size`` times. ``train_flops_per_image`` is analytic: multiply-adds of
-every matmul count 2 FLOPs, attention scores and values are counted over the full (unmasked)
-sequence the kernels compute, and training = 3 x forward (backward costs two forwards). Norms,
-activations and softmax are left out (a few percent). The head runs T sequences of N + 1 slots per
-image; the output (diffusion MLP x batch_mul, or the classifier) runs on the expected number of
-supervised targets per image.
+The FLOPs live in the cost model, which imports no model code; they are re-exported here for old
+callers. ``param_counts`` builds the model on the meta device (no memory) and counts the *full* model
+(TP-sharded tensors count ``tp_size`` times): the check of the analytic
+:func:`heptapod_ds.cost.flops.param_totals`.
 """
 from __future__ import annotations
 
 import contextlib
-from typing import Dict, List, Tuple
+from typing import Dict
 
 import torch
 
-from .supervision import expected_targets_per_image
+from heptapod_ds.cost.flops import (_denoiser_flops, _layer_flops, chain_flops,  # noqa: F401 - re-exports
+                                    forward_flops_per_image, train_flops_per_image)
 
 
 @contextlib.contextmanager
@@ -50,65 +48,3 @@ def param_counts(cfg) -> Dict[str, int]:
               "diffusion": count_tp_aware(model.output, tp)}
     counts["total"] = sum(counts.values())
     return counts
-
-
-def _layer_flops(tokens: int, seq: int, width: int, mlp_ratio: float) -> float:
-    """Forward FLOPs of one pre-norm Transformer layer over ``tokens`` tokens in sequences of ``seq``."""
-    ffn = int(width * mlp_ratio)
-    dense = 2 * (4 * width * width + 2 * width * ffn)
-    attention = 2 * 2 * seq * width
-    return tokens * (dense + attention)
-
-
-def _denoiser_flops(channels: int, cond: int, width: int, depth: int, freq_dim: int = 256) -> float:
-    per_token = (channels * width + freq_dim * width + width * width + cond * width
-                 + depth * (2 * width * width + 3 * width * width) + 2 * width * width + width * channels)
-    return 2 * per_token
-
-
-def chain_flops(cfg) -> List[Tuple[str, float]]:
-    """Forward FLOPs per image of every link of the model's chain, in order.
-
-    Links: ``embed`` (class/token embeddings; the latent projection for continuous tokens),
-    ``backbone.i`` (one causal layer each), ``head_input`` (projection, mask token, 2D positions, one
-    copy per drawn timestep), ``head.j`` (one head layer each), ``output`` (per-token output + loss).
-    The pipeline split (:mod:`heptapod_ds.pipeline.split`) balances stages with these numbers, and
-    :func:`forward_flops_per_image` sums them, so both use one accounting.
-    """
-    tok, bb, head, diff = cfg.tokenizer, cfg.backbone, cfg.head, cfg.diffusion
-    n = tok.num_tokens
-    links: List[Tuple[str, float]] = [("embed", 0.0 if tok.is_discrete else 2.0 * tok.channels * bb.width * n)]
-    links += [(f"backbone.{i}", float(_layer_flops(n, n, bb.width, bb.mlp_ratio))) for i in range(bb.depth)]
-    if head.type == "next":
-        targets, cond = float(n), bb.width
-    else:
-        window = head.window if head.type == "local" else None
-        slots = head.timesteps * (n + 1)
-        links.append(("head_input", float(2 * bb.width * head.width * n)))
-        links += [(f"head.{j}", float(_layer_flops(slots, n + 1, head.width, head.mlp_ratio)))
-                  for j in range(head.depth)]
-        targets, cond = expected_targets_per_image(n, head.timesteps, head.supervised, window), head.width
-    if tok.is_discrete:
-        output = 2 * cond * tok.vocab_size * targets
-    else:
-        output = diff.batch_mul * targets * _denoiser_flops(tok.channels, cond, diff.width, diff.depth)
-    links.append(("output", float(output)))
-    return links
-
-
-def forward_flops_per_image(cfg) -> Dict[str, float]:
-    """{"backbone", "head", "diffusion"}: sums of :func:`chain_flops` (embed counts to the backbone)."""
-    out = {"backbone": 0.0, "head": 0.0, "diffusion": 0.0}
-    for name, flops in chain_flops(cfg):
-        if name == "output":
-            out["diffusion"] += flops
-        elif name == "head_input" or name.startswith("head."):
-            out["head"] += flops
-        else:
-            out["backbone"] += flops
-    return out
-
-
-def train_flops_per_image(cfg) -> int:
-    """Training FLOPs (forward + backward) per image: backbone + head + diffusion MLP / classifier."""
-    return int(round(3 * sum(forward_flops_per_image(cfg).values())))

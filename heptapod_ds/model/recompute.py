@@ -17,6 +17,7 @@ from __future__ import annotations
 import torch
 from torch.utils.checkpoint import checkpoint
 
+from heptapod_ds.cost.measure import note_region_inputs
 from heptapod_ds.cost.recompute import plan
 
 
@@ -44,6 +45,7 @@ def checkpointed_call(fn, *args, **kwargs):
     """``fn(*args, **kwargs)`` whose saved activations are recomputed in backward, RNG replayed."""
     if not torch.is_grad_enabled() or kwargs.get("inference_context") is not None:
         return fn(*args, **kwargs)
+    note_region_inputs(args, kwargs)
     tracker = _tracker()
     entry = _snapshot(tracker)
     calls = [0]

@@ -1,6 +1,6 @@
 """Where the model's chain is cut into pipeline stages: the one place that decides it.
 
-The chain (:func:`heptapod_ds.model.flops.chain_flops`) is ``embed, backbone.0 .. backbone.{D-1},
+The chain (:func:`heptapod_ds.cost.flops.chain_flops`) is ``embed, backbone.0 .. backbone.{D-1},
 head_input, head.0 .. head.{H-1}, output``. Stages take contiguous pieces. Three links are attached to
 a neighbour rather than counted on their own: ``embed`` goes with the first backbone layer (stage 0),
 ``head_input`` with the first head layer (so the activation crosses a stage boundary in its smaller
@@ -9,14 +9,14 @@ output + loss) is always on the last stage. A stage is described by how many *la
 head) it holds; the last stage may hold none and run the output alone.
 
 ``parallel.pipeline_split=auto`` minimises the largest stage's share of the training FLOPs (same
-accounting as ``model/flops.py``); an explicit ``6,6,4,4`` gives the layer counts per stage.
+accounting as ``cost/flops.py``); an explicit ``6,6,4,4`` gives the layer counts per stage.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
 from typing import List, Optional, Sequence, Tuple
 
-from heptapod_ds.model.flops import chain_flops
+from heptapod_ds.cost.flops import chain_flops
 
 
 @dataclass(frozen=True)
