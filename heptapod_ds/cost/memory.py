@@ -167,9 +167,10 @@ def model_state_bytes(cfg, dp: int, precision: str = "bf16", stage_params: Optio
     """{"params", "grads", "optimizer"} bytes on one rank (the engine's partitions, see bench/memory.py).
 
     fp32: 4-byte parameters and gradients, AdamW's two fp32 moments. bf16: 2-byte parameters and
-    gradients, plus fp32 master weights and two moments (12 bytes) at ZeRO >= 1 (DeepSpeed's bf16 optimizer
-    at ZeRO-0). ZeRO-1 shards the optimizer states over ``dp``, ZeRO-2 also the gradients, ZeRO-3 also the
-    parameters (partitions padded to a multiple of ``dp`` elements). ``stage_params``: parameters held by this
+    gradients, plus fp32 master weights and two moments (12 bytes). ZeRO-1 shards the optimizer states over
+    ``dp``, ZeRO-2 also the gradients, ZeRO-3 also the parameters. DeepSpeed's ZeRO-1 keeps only the averaged
+    gradient partitions after the reduction too, so gradients count as sharded from stage 1 on. Left out: the
+    partitions' padding (a few elements) and the parameter that straddles a partition boundary (ZeRO 1-2). ``stage_params``: parameters held by this
     rank before ZeRO (default: the whole model divided over TP).
     """
     if stage_params is None:
@@ -178,9 +179,10 @@ def model_state_bytes(cfg, dp: int, precision: str = "bf16", stage_params: Optio
     p_bytes = 2 if precision == "bf16" else 4
     shard = -(-stage_params // dp)
     params = (shard if zero == 3 else stage_params) * p_bytes
-    grads = (shard if zero >= 2 else stage_params) * p_bytes
+    grads = (shard if zero >= 1 else stage_params) * p_bytes
     if precision == "bf16":
         optimizer = (shard if zero >= 1 else stage_params) * 12
-    else:  # fp32: AdamW's moments; at ZeRO >= 1 also the optimizer's fp32 partition of the parameters
-        optimizer = stage_params * 8 if zero == 0 else shard * 12
+    else:  # fp32: AdamW's moments; at ZeRO 1-2 also the optimizer's fp32 partition of the parameters (at ZeRO-3
+        # that partition is the parameters' own ds_tensor)
+        optimizer = stage_params * 8 if zero == 0 else shard * (8 if zero == 3 else 12)
     return {"params": params, "grads": grads, "optimizer": optimizer}
