@@ -56,8 +56,8 @@ class BackboneConfig:
     rope_theta: float = F(10000.0, "Base frequency of the 2D rotary embedding.")
     num_classes: int = F(10, "Number of classes; one extra 'no class' entry is added.")
     class_dropout: float = F(0.0, "Probability of replacing the label by 'no class' (off: no CFG).")
-    transformer_impl: str = F("auto", "Layer implementation: auto (TransformerEngine when installed on GPU), "
-                              "local or transformer_engine.")
+    transformer_impl: str = F("auto", "Layer implementation: auto (megatron's local layers; TransformerEngine only "
+                              "when asked for), local or transformer_engine.")
     attention: str = F("auto", "Core attention of backbone and head layers: auto (te inside TransformerEngine "
                        "layers, else sdpa), sdpa (torch scaled_dot_product_attention: flash attention on a GPU), "
                        "megatron (megatron-core's unfused DotProductAttention) or te (TransformerEngine's fused "

@@ -14,7 +14,7 @@ from megatron.core.transformer.enums import AttnMaskType
 from torch import nn
 
 from .init import editable
-from .layers import build_stack, make_transformer_config
+from .layers import build_stack, make_transformer_config, run_precision
 from .positions import LearnedPosition2D, rope2d_freqs
 
 
@@ -43,7 +43,7 @@ class CausalBackbone(nn.Module):
         self.config = make_transformer_config(depth=bb.depth, width=bb.width, num_heads=bb.num_heads,
                                               mlp_ratio=bb.mlp_ratio, dropout=bb.dropout,
                                               norm_eps=bb.norm_eps,
-                                              tensor_parallel=tensor_parallel)
+                                              tensor_parallel=tensor_parallel, precision=run_precision(cfg))
         self.decoder = build_stack(self.config, impl, AttnMaskType.causal)
 
     def forward(self, labels: torch.Tensor, tokens: Optional[torch.Tensor], start: int = 0,

@@ -22,7 +22,7 @@ import torch
 from megatron.core.transformer.enums import AttnMaskType
 from torch import nn
 
-from .layers import build_stack, make_transformer_config
+from .layers import build_stack, make_transformer_config, run_precision
 from .positions import LearnedPosition2D, rope2d_freqs
 
 
@@ -57,7 +57,8 @@ class GridHead(nn.Module):
             self.pos_embed = LearnedPosition2D(tok.grid_size, head.width)
         self.config = make_transformer_config(depth=head.depth, width=head.width, num_heads=head.num_heads,
                                               mlp_ratio=head.mlp_ratio, dropout=cfg.backbone.dropout,
-                                              norm_eps=cfg.backbone.norm_eps, tensor_parallel=tensor_parallel)
+                                              norm_eps=cfg.backbone.norm_eps, tensor_parallel=tensor_parallel,
+                                              precision=run_precision(cfg))
         mask_type = AttnMaskType.no_mask if window is None else AttnMaskType.arbitrary
         self.decoder = build_stack(self.config, impl, mask_type)
 

@@ -25,6 +25,7 @@ from .categorical import CategoricalOutput, sample_logits
 from .diffusion import DiffusionLoss
 from .draws import Draws, draw_batch
 from .heads import GridHead
+from .recompute import apply_recompute
 
 
 class HeptapodModel(nn.Module):
@@ -51,6 +52,7 @@ class HeptapodModel(nn.Module):
         else:
             d = cfg.diffusion
             self.output = DiffusionLoss(tok.channels, cond_dim, d.width, d.depth, d.train_steps, d.batch_mul)
+        apply_recompute(self, cfg)  # cfg.recompute: checkpointed layers / output (no-op for none)
 
     # ------------------------------------------------------------------ training
 

@@ -2,7 +2,7 @@
 
 One place decides how a stack of Heptapod layers is built: the ``TransformerConfig`` (pre-norm
 LayerNorm, GELU MLP with biases, CPU initialization without CUDA) and the layer spec (megatron's
-local spec on CPU, the TransformerEngine spec when ``transformer_engine`` imports and CUDA is up),
+local spec unless ``backbone.transformer_impl=transformer_engine`` is asked for: ``auto`` is local),
 with the core attention of ``backbone.attention`` (sdpa / megatron / te) swapped into the spec.
 
 Tensor parallelism: QKV and FC1 are column-parallel, the attention output projection and FC2 are
@@ -11,8 +11,9 @@ row-parallel (``tensor_model_parallel=True`` on their weights); LayerNorms are r
 from __future__ import annotations
 
 import copy
-import importlib
 import functools
+import importlib
+import logging
 from dataclasses import dataclass
 
 import torch
@@ -67,13 +68,32 @@ def resolve_impl(requested: str, attention: str = "auto") -> LayerImpl:
         raise ValueError(f"backbone.transformer_impl='{requested}' is not one of "
                          f"{', '.join(TRANSFORMER_IMPLS)}.")
     if requested == "auto":
-        transformer = "transformer_engine" if transformer_engine_available() else "local"
+        # TransformerEngine only when asked for: its layers have not been checked in a training run yet
+        transformer = "local"
+        if transformer_engine_available():
+            _log_te_switch_once()
     elif requested == "transformer_engine" and not transformer_engine_available():
         raise RuntimeError("backbone.transformer_impl=transformer_engine needs the transformer_engine "
                            "package and a CUDA device; use transformer_impl=local (or auto) on this machine.")
     else:
         transformer = requested
     return LayerImpl(transformer, resolve_attention(attention, transformer))
+
+
+@functools.lru_cache(maxsize=1)
+def _log_te_switch_once() -> None:
+    logging.getLogger(__name__).info(
+        "TransformerEngine is installed but backbone.transformer_impl=auto uses megatron's local layers (TE layers "
+        "have not been checked in a training run yet); pass backbone.transformer_impl=transformer_engine "
+        "(and backbone.attention=te for its fused attention) to use them.")
+
+
+def run_precision(cfg) -> str:
+    """``parallel.precision`` with ``auto`` made concrete (bf16 with CUDA, fp32 on CPU), as the engine resolves it."""
+    precision = cfg.parallel.precision
+    if precision == "auto":
+        return "bf16" if torch.cuda.is_available() else "fp32"
+    return precision
 
 
 def _as_impl(impl) -> LayerImpl:
@@ -87,8 +107,14 @@ def _as_impl(impl) -> LayerImpl:
 
 def make_transformer_config(*, depth: int, width: int, num_heads: int, mlp_ratio: float, dropout: float,
                             norm_eps: float, tensor_parallel: int, params_dtype: torch.dtype = torch.float32,
-                            init_std: float = 0.02) -> TransformerConfig:
-    """Pre-norm GPT-style layers; every CUDA-only fusion is off so the same config runs on CPU."""
+                            init_std: float = 0.02, precision: str = "fp32") -> TransformerConfig:
+    """Pre-norm GPT-style layers; every CUDA-only fusion is off so the same config runs on CPU.
+
+    ``precision`` is the run's (:func:`run_precision`): with bf16 megatron is told so (``bf16=True``) and
+    its softmax runs in fp32 (``attention_softmax_in_fp32``). The parameters are still created in
+    ``params_dtype`` (fp32): DeepSpeed casts them and keeps the fp32 master weights, which therefore start
+    from the fp32 initialisation.
+    """
     ffn = int(width * mlp_ratio)
     on_gpu = torch.cuda.is_available()
     return TransformerConfig(
@@ -101,6 +127,7 @@ def make_transformer_config(*, depth: int, width: int, num_heads: int, mlp_ratio
         bias_activation_fusion=False, bias_dropout_fusion=False, masked_softmax_fusion=False,
         apply_rope_fusion=False, persist_layer_norm=False, gradient_accumulation_fusion=False,
         apply_residual_connection_post_layernorm=False,
+        bf16=precision == "bf16", attention_softmax_in_fp32=True,
     )
 
 
