@@ -81,11 +81,26 @@ export HEPTAPOD_LAUNCH_SCRIPT="${HEPTAPOD_TEMPLATE:-slurm/_train.sh}${*:+ $(prin
 export HEPTAPOD_EXIT_FILE="$LAUNCH_REPO/logs/.heptapod-exit-$SLURM_JOB_ID-$LAUNCH_ATTEMPT.json"
 rm -f "$HEPTAPOD_EXIT_FILE"
 
+# A requeued attempt must not start before the controller has delivered the kill of the attempt it replaced
+# to every node of that attempt: slurmctld retries that kill to a node that did not answer (crashed, cut off)
+# about 60 s later, by job id, and a new attempt of the same job id already running there is killed with it
+# (its tasks get SIGTERM, and SIGKILL after KillWait). Slurm holds a requeued job for AuthInfo's cred_expire
+# + 1 s (120 s by default), which covers the retry; a cluster configured with less is warned about here.
+if [[ "$LAUNCH_ATTEMPT" -gt 0 ]]; then
+  cred_expire="$(scontrol show config 2>/dev/null | sed -n 's/^AuthInfo *= *.*cred_expire=\([0-9]*\).*/\1/p' | head -n 1)"
+  if [[ -n "$cred_expire" && "$cred_expire" -lt 61 ]]; then
+    launch_log "warning: this cluster's AuthInfo cred_expire=$cred_expire (< 61 s) lets a requeued job start before" \
+               "slurmctld's retried kill of the previous attempt (about 60 s after a node failure) reaches a node" \
+               "that came back; that kill then stops this attempt there (SIGTERM on that node's tasks)"
+  fi
+fi
 launch_srun "$PY" heptapod_ds/train.py "${args[@]}"
 
 status=""
+record=""
 if [[ -f "$HEPTAPOD_EXIT_FILE" ]]; then
-  launch_log "trainer exit record: $(cat "$HEPTAPOD_EXIT_FILE")"
+  record="$(cat "$HEPTAPOD_EXIT_FILE")"
+  launch_log "trainer exit record: $record"
   status="$(sed -n 's/.*"status": *"\([a-z]*\)".*/\1/p' "$HEPTAPOD_EXIT_FILE" | head -n 1)"
   rm -f "$HEPTAPOD_EXIT_FILE"
 fi
@@ -95,10 +110,27 @@ case "$status" in
     exit 0
     ;;
   preempted)
+    # Which tasks got which signal (the record's "signals"). A SIGTERM that reached only some nodes' tasks
+    # while this shell got none was sent by Slurm to this job's steps on those nodes: after a node of this job
+    # came back from a failure, the controller kills the steps of the earlier attempt it finds there by job
+    # id ("Registered PENDING JobId=..." in slurmctld's log), which also hits this attempt's step when it had
+    # started on that node. The trainer saved; the requeue below resumes from that checkpoint.
+    launch_log "$(printf '%s' "$record" | "$PY" -c '
+import json, sys
+rec = json.loads(sys.stdin.read() or "{}")
+sigs = rec.get("signals") or {}
+said = "; ".join("%s on ranks %s (%s)" % (n, v["ranks"], ", ".join(v["hosts"])) for n, v in sigs.items())
+print("stopped by %s at step %s" % (said or "a signal", rec.get("step")))
+' 2>/dev/null || echo "stopped by a signal")"
     if [[ -n "$LAUNCH_STOPPED" ]]; then
       launch_log "checkpoint saved; the job was stopped by SIG$LAUNCH_STOPPED and is not requeued from here" \
                  "(a scheduler preemption with PreemptMode=REQUEUE requeues it; otherwise submit again to resume)"
       exit $((128 + 15))
+    fi
+    if [[ "$record" == *'"SIGTERM"'* ]]; then
+      launch_log "SIGTERM reached the tasks but not this batch shell: Slurm ended this job's step on some node" \
+                 "(a step of an earlier attempt of job $SLURM_JOB_ID left on a node that came back, killed by job id," \
+                 "or scancel --signal=TERM); requeueing to resume"
     fi
     launch_requeue "the trainer saved a checkpoint after a preemption signal; the next attempt resumes from it" \
       && exit 0

@@ -8,7 +8,8 @@ the latest. Rank 0 appends:
   its tracked files differed from it (``dirty``, with the changed paths), the trainer's command
   line, the launching script and srun command (``HEPTAPOD_LAUNCH_SCRIPT`` / ``HEPTAPOD_LAUNCH_COMMAND``,
   set by ``slurm/_train.sh``), the Slurm job (id, attempt = ``SLURM_RESTART_COUNT``, nodes, tasks),
-  the parallel layout, and the resolved config with its hash;
+  the parallel layout, the rendezvous (``master``), every rank's host, address and local rank
+  (``ranks``), and the resolved config with its hash;
 - ``{"event": "exit", ...}`` at the end: ``status`` ``done`` / ``preempted`` / ``failed``, the exit
   code and step. The same record is written to ``$HEPTAPOD_EXIT_FILE`` when set: the Slurm batch
   script decides on a requeue from it.
@@ -75,7 +76,29 @@ def _append(run_dir: str, record: Dict[str, Any]) -> None:
         os.fsync(fh.fileno())
 
 
-def record_launch(cfg, argv: Optional[List[str]] = None, layout: Optional[Dict[str, int]] = None) -> Dict[str, Any]:
+def _rank_map() -> Optional[List[Dict[str, Any]]]:
+    """Per global rank: host, the address its hostname resolves to (what gloo advertises to its peers), local
+    rank, the launcher's own numbering (``SLURM_PROCID`` / ``SLURM_LOCALID``) and pid. Collective over the
+    world group (every rank calls it); None outside one."""
+    import torch.distributed as dist
+
+    if not dist.is_available() or not dist.is_initialized():
+        return None
+    host = socket.gethostname()
+    try:
+        address = socket.gethostbyname(host)
+    except OSError:
+        address = None
+    mine = {"host": host, "address": address, "local_rank": int(os.environ.get("LOCAL_RANK", 0)),
+            "slurm_procid": os.environ.get("SLURM_PROCID"), "slurm_localid": os.environ.get("SLURM_LOCALID"),
+            "slurm_nodeid": os.environ.get("SLURM_NODEID"), "pid": os.getpid()}
+    everyone: List[Any] = [None] * dist.get_world_size()
+    dist.all_gather_object(everyone, mine)
+    return [{"rank": r, **entry} for r, entry in enumerate(everyone)]
+
+
+def record_launch(cfg, argv: Optional[List[str]] = None, layout: Optional[Dict[str, int]] = None,
+                  ranks: Optional[List[Dict[str, Any]]] = None) -> Dict[str, Any]:
     """Append the launch record of this attempt to ``{cfg.run_dir}/launches.jsonl`` (call on rank 0)."""
     from heptapod_ds.config import to_dict
 
@@ -90,6 +113,8 @@ def record_launch(cfg, argv: Optional[List[str]] = None, layout: Optional[Dict[s
         "slurm": slurm,
         "attempt": int(slurm.get("restart_count", 0)) if slurm else None,
         "layout": layout,
+        "master": {"addr": os.environ.get("MASTER_ADDR"), "port": os.environ.get("MASTER_PORT")},
+        "ranks": ranks,
         "config_sha256": hashlib.sha256(json.dumps(config, sort_keys=True, default=str).encode()).hexdigest(),
         "config": config,
     }
@@ -158,8 +183,9 @@ class RunRecord:
         self.trainer = None  # set by the entry point: its step and checkpoints are read at a failure
 
     def __enter__(self) -> "RunRecord":
+        ranks = _rank_map()  # collective: every rank enters
         if self.rank0:
-            record_launch(self.cfg, argv=self.argv, layout=self.layout)
+            record_launch(self.cfg, argv=self.argv, layout=self.layout, ranks=ranks)
         return self
 
     def finished(self, exit_code: int, step: int, **extra: Any) -> None:

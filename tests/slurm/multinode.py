@@ -78,14 +78,19 @@ def _free_subnet() -> ipaddress.IPv4Network:
 class MultiNodeSlurm:
     """``MultiNodeSlurm(nodes=2).start()`` ... ``.stop()``; node names are in :attr:`nodes`."""
 
-    def __init__(self, nodes: int = 2, cpus_per_node: int = 4, root: Optional[str] = None):
+    def __init__(self, nodes: int = 2, cpus_per_node: int = 4, root: Optional[str] = None,
+                 partitions: Optional[Dict[str, List[int]]] = None, cred_expire: int = 62):
+        """``partitions``: more partitions beside ``debug`` (all nodes, the default), as name -> node indices."""
+        self.cred_expire = cred_expire
         self.tag = f"hpt{os.getpid() % 100000}"
         self.root = os.path.abspath(root or tempfile.mkdtemp(prefix="hslurmN."))
         self.cpus = cpus_per_node
         self.nodes = [f"{self.tag}n{i + 1}" for i in range(nodes)]
         self.netns = {n: f"{n}ns" for n in self.nodes}
+        self.partitions = {name: [self.nodes[i] for i in idx] for name, idx in (partitions or {}).items()}
         self.veth = {n: f"{self.tag}v{i + 1}" for i, n in enumerate(self.nodes)}
         self.bridge = f"{self.tag}br"
+        self.hosts_marker = f"# {self.tag}: tests/slurm/multinode.py"
         self.ctl_host = socket.gethostname().split(".")[0]
         self.conf = os.path.join(self.root, "slurm.conf")
         self.munge_socket = os.path.join(self.root, "munge", "munge.socket")
@@ -176,7 +181,7 @@ class MultiNodeSlurm:
         with open(HOSTS, "rb") as fh:
             original = fh.read()
         self.made["hosts"] = original
-        lines = [f"{self.addr[n]} {n}  # {self.tag}: tests/slurm/multinode.py, removed on stop" for n in self.nodes]
+        lines = [f"{self.addr[n]} {n}  {self.hosts_marker}, removed on stop" for n in self.nodes]
         with open(HOSTS, "ab") as fh:
             fh.write(("" if original.endswith(b"\n") or not original else "\n").encode())
             fh.write(("\n".join(lines) + "\n").encode())
@@ -200,8 +205,10 @@ class MultiNodeSlurm:
             "SlurmUser=root", "SlurmdUser=root",
             f"SlurmctldPort={ctld_port}", f"SlurmdPort={slurmd_port}",
             "AuthType=auth/munge", "CredType=cred/munge",
-            # cred_expire: a requeued job waits this long (+1 s) before it starts again (120 s by default).
-            f"AuthInfo=socket={self.munge_socket},cred_expire=10",
+            # cred_expire: a requeued job waits this long (+1 s) before it starts again (120 s by default). Not
+            # below 60 s: slurmctld retries the kill of a failed attempt to a node that did not answer about 60 s
+            # later, by job id; a requeued attempt already running on that node would be killed with it.
+            f"AuthInfo=socket={self.munge_socket},cred_expire={self.cred_expire}",
             f"StateSaveLocation={self._path('state')}",
             f"SlurmdSpoolDir={self._path('spool', '%n')}",
             f"SlurmctldPidFile={self._path('slurmctld.pid')}",
@@ -221,6 +228,8 @@ class MultiNodeSlurm:
             "AccountingStorageType=accounting_storage/none", "MpiDefault=none",
             *[f"NodeName={n} NodeAddr={self.addr[n]} CPUs={self.cpus} State=UNKNOWN" for n in self.nodes],
             "PartitionName=debug Nodes=ALL Default=YES MaxTime=INFINITE State=UP OverSubscribe=FORCE:4",
+            *[f"PartitionName={name} Nodes={','.join(nodes)} MaxTime=INFINITE State=UP OverSubscribe=FORCE:4"
+              for name, nodes in self.partitions.items()],
         ]
         with open(self.conf, "w") as fh:
             fh.write("\n".join(lines) + "\n")
@@ -321,13 +330,14 @@ class MultiNodeSlurm:
             _run("ip", "link", "del", self.bridge, check=False)
             self.made["bridge"] = False
         if self.made["hosts"] is not None:
+            # Remove exactly this cluster's lines from the file as it is now (another cluster of a concurrent
+            # session may have added or removed its own meanwhile); untouched, it is the original again.
             with open(HOSTS, "rb") as fh:
                 now = fh.read()
-            # Put back the original, keeping any line someone else added meanwhile.
-            extra = [line for line in now.splitlines(keepends=True)
-                     if line not in self.made["hosts"].splitlines(keepends=True) and self.tag.encode() not in line]
+            kept = b"".join(line for line in now.splitlines(keepends=True)
+                            if self.hosts_marker.encode() not in line)
             with open(HOSTS, "wb") as fh:
-                fh.write(self.made["hosts"] + b"".join(extra))
+                fh.write(kept)
             self.made["hosts"] = None
         if errors:
             raise RuntimeError("tear-down of the test cluster was incomplete: " + "; ".join(errors))
@@ -342,7 +352,7 @@ class MultiNodeSlurm:
         left += [f"netns {ns}" for ns in self.netns.values() if ns in netns]
         left += [f"link {name}" for name in [*self.veth.values(), self.bridge] if f" {name}:" in links
                  or f" {name}@" in links]
-        left += [f"/etc/hosts line of {self.tag}" for line in hosts.splitlines() if self.tag in line]
+        left += [f"/etc/hosts line of {self.tag}" for line in hosts.splitlines() if self.hosts_marker in line]
         left += [f"process {name} ({p.pid})" for name, p in self.procs.items() if p.poll() is None]
         return left
 
