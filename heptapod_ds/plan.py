@@ -58,7 +58,8 @@ def plan_for(config_file: Optional[str], overrides: Sequence[str], gpus: Optiona
     from heptapod_ds.config.loader import load_config
     from heptapod_ds.cost.plan import make_plan
 
-    cfg = load_config(config_file, overrides=list(overrides), world_size=gpus)
+    # the planner shows a config that does not fit instead of refusing it: no start-up memory check here
+    cfg = load_config(config_file, overrides=list(overrides) + ["parallel.gpu_memory_gib=0"], world_size=gpus)
     return cfg, make_plan(cfg, **kwargs)
 
 

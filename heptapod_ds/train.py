@@ -68,6 +68,9 @@ def main(argv=None) -> int:
     from heptapod_ds.engine import CheckpointCorrupt, CheckpointMismatch, CheckpointWriteError
 
     setup_logging()
+    if os.environ.get("RANK", os.environ.get("SLURM_PROCID", "0")) == "0":
+        from heptapod_ds.cost.plan import log_startup_plan
+        log_startup_plan(cfg)  # memory per rank by part and the predicted step time (heptapod_ds.plan)
     info = parallel_state.initialize(tensor=cfg.parallel.tensor, pipeline=cfg.parallel.pipeline,
                                      backend=cfg.parallel.backend, seed=cfg.train.seed,
                                      timeout_minutes=cfg.parallel.collective_timeout_s / 60)

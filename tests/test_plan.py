@@ -107,3 +107,30 @@ def test_model_states_match_the_engine_partitions(layout):
                 # tiny, FC1: 128 x 512)
                 slack = 4 * 128 * 512 if (key == "grads" and stage in (1, 2) and layout[:2] == (1, 1)) else 64
                 assert abs(predicted[key] - value) <= slack, (layout, stage, key, predicted[key], value)
+
+
+def test_validation_refuses_a_config_predicted_not_to_fit():
+    from heptapod_ds.config.loader import ConfigError
+
+    with pytest.raises(ConfigError) as info:
+        load_config(overrides=["preset=H", "train.micro_batch_size=256", "parallel.gpu_memory_gib=80"], world_size=8)
+    assert "Cheapest fix" in str(info.value) and "parallel.gpu_memory_gib=80" in str(info.value)
+    load_config(overrides=["preset=H", "train.micro_batch_size=16", "parallel.gpu_memory_gib=80"], world_size=8)
+
+
+def test_training_stops_before_any_process_group(tmp_path):
+    """The trainer's command line refuses it while reading the config (exit 2, no run directory written)."""
+    env = dict(os.environ, PYTHONWARNINGS="ignore", WORLD_SIZE="8")
+    run_dir = tmp_path / "run"
+    out = subprocess.run([sys.executable, "-m", "heptapod_ds.train", "preset=H", "train.micro_batch_size=256",
+                          "parallel.gpu_memory_gib=80", f"run_dir={run_dir}"], capture_output=True, text=True,
+                         timeout=120, env=env)
+    assert out.returncode != 0 and "Cheapest fix" in out.stderr, out.stderr[-2000:]
+    assert not run_dir.exists()
+
+
+def test_startup_lines_name_memory_by_part_and_step_time():
+    from heptapod_ds.cost.plan import startup_lines
+
+    lines = startup_lines(load_config(overrides=["preset=B"], world_size=16))
+    assert "memory plan" in lines[0] and "backbone" in lines[0] and "predicted step" in lines[1]

@@ -346,9 +346,41 @@ def validate(cfg: HeptapodConfig, world_size: Optional[int] = None) -> HeptapodC
         err(f"train.grad_accum={tr.grad_accum} must be >= 0 (0 = derived from the global batch).")
     _validate_eval(cfg, err)
     _validate_recompute(cfg, err)
+    if not errors:
+        _validate_memory(cfg, err)
     if errors:
         raise ConfigError(_format(errors))
     return cfg
+
+
+def _validate_memory(cfg: HeptapodConfig, err) -> None:
+    """A config the planner predicts not to fit the GPU (parallel.gpu_memory_gib, else the visible device) is
+    refused here, before any process group or model memory exists."""
+    gib = cfg.parallel.gpu_memory_gib
+    if gib < 0:
+        err(f"parallel.gpu_memory_gib={gib} must be >= 0 (0 = the visible GPU's memory).")
+        return
+    if gib == 0:
+        gib = _visible_gpu_gib()
+        if not gib:
+            return
+    from heptapod_ds.cost.plan import refusal
+
+    problem = refusal(cfg, gib)
+    if problem:
+        err(f"parallel.gpu_memory_gib={gib:g}: {problem}")
+
+
+def _visible_gpu_gib() -> float:
+    """Memory of the first visible GPU in GiB (0 without one; torch is imported only where it already is)."""
+    import sys
+
+    torch = sys.modules.get("torch")
+    if torch is None and os.path.exists("/dev/nvidiactl"):
+        import torch
+    if torch is None or not torch.cuda.is_available():
+        return 0.0
+    return torch.cuda.get_device_properties(0).total_memory / 2 ** 30
 
 
 def _validate_recompute(cfg: HeptapodConfig, err) -> None:

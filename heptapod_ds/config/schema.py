@@ -146,6 +146,9 @@ class ParallelConfig:
     ds_config: Optional[str] = F(None, "DeepSpeed JSON config; 'auto' values are filled from this config.")
     collective_timeout_s: int = F(1800, "Seconds a collective waits for the other ranks before this rank stops "
                                   "with an error (a dead or hung rank then ends the job instead of hanging it).")
+    gpu_memory_gib: float = F(0.0, "Memory of one GPU for the start-up memory check (python -m heptapod_ds.plan): a "
+                              "config predicted not to fit is refused before any process group exists, naming the "
+                              "cheapest fix; 0 = the visible GPU's memory, no check without a GPU.")
 
     @property
     def model_parallel(self) -> int:

@@ -218,10 +218,39 @@ def advice(cfg, plan, gpu_memory_gib: float, device: str = "cuda") -> List[str]:
 
 def refusal(cfg, gpu_memory_gib: float, device: str = "cuda") -> Optional[str]:
     """None when ``cfg`` is predicted to fit, else the message naming the cheapest fix."""
-    plan = make_plan(cfg, gpu_memory_gib=gpu_memory_gib, device=device)
-    if plan["fits"]:
+    if per_rank(cfg, device=device)["total_bytes"] <= usable_bytes(gpu_memory_gib):
         return None
+    plan = make_plan(cfg, gpu_memory_gib=gpu_memory_gib, device=device)
     total = plan["per_rank"]["total_bytes"] / GIB
     return (f"predicted {total:.1f} GiB per rank (most loaded: pipeline stage {plan['most_loaded_stage']}), more than the "
             f"{plan['usable_bytes'] / GIB:.1f} GiB usable of {gpu_memory_gib:g} GiB ({plan['margin']}). Cheapest fix: "
             f"{'; or '.join(plan['advice'])}. See `python -m heptapod_ds.plan` for the table.")
+
+
+def startup_lines(cfg, gpu_memory_gib: Optional[float] = None, device: str = "cuda") -> List[str]:
+    """What rank 0 logs at start-up: memory per rank by part and the predicted step time."""
+    gib = gpu_memory_gib or cfg.parallel.gpu_memory_gib or 80.0
+    plan = make_plan(cfg, gpu_memory_gib=gib, device=device)
+    r = plan["per_rank"]
+    parts = ", ".join(f"{k} {v / GIB:.2f}" for k, v in r["activations_by_part"].items())
+    return [f"memory plan (per rank, GiB, {plan['precision']} on a {gib:g} GiB GPU): parameters "
+            f"{r['params_bytes'] / GIB:.2f}, gradients {r['grads_bytes'] / GIB:.2f}, optimizer "
+            f"{r['optimizer_bytes'] / GIB:.2f}, activations {r['activations_bytes'] / GIB:.2f} ({parts}; "
+            f"{r['inflight_microbatches']} in flight), buffers {r['buffers_bytes'] / GIB:.2f}, total "
+            f"{r['total_bytes'] / GIB:.2f} of {plan['usable_bytes'] / GIB:.1f} usable "
+            f"({'fits' if plan['fits'] else 'does NOT fit'})",
+            f"predicted step {plan['step_time_s']:.3f} s at {plan['mfu']:.0%} MFU of {plan['peak_tflops']:g} TFLOP/s "
+            f"({plan['images_per_s']:.0f} images/s; {plan['days']:.1f} days for {plan['epochs']:g} epochs of "
+            f"ImageNet-1k)"]
+
+
+def log_startup_plan(cfg, logger=None) -> None:
+    """Log :func:`startup_lines` (call on rank 0 before the process group; never fails the run)."""
+    import logging
+
+    logger = logger or logging.getLogger("heptapod_ds.plan")
+    try:
+        for line in startup_lines(cfg):
+            logger.info(line)
+    except Exception as e:  # noqa: BLE001 - a planning gap must not stop training
+        logger.warning("memory plan unavailable: %s", e)
