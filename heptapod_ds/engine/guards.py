@@ -2,7 +2,8 @@
 
 Preemption: the trainer stops cleanly on SIGTERM or SIGUSR1. The handler only sets a flag; the
 trainer asks :meth:`PreemptionGuard.should_stop` once per step, which all-reduces the flag so every
-rank stops after the same step, saves, and exits with :data:`REQUEUE_EXIT_CODE`.
+rank stops after the same step, saves, and exits with :data:`REQUEUE_EXIT_CODE`. Under NCCL that vote
+runs over a gloo group of its own (host flags, no GPU round trip).
 
 Which signal reaches the trainer under Slurm:
 
@@ -38,14 +39,24 @@ import torch.distributed as dist
 REQUEUE_EXIT_CODE = 75
 
 
-def _all_reduce_max(value: float) -> float:
+def _all_reduce_max(value: float, group=None) -> float:
     if not dist.is_initialized():
         return value
     t = torch.tensor([value], dtype=torch.float32)
-    if dist.get_backend() == "nccl":
+    if dist.get_backend(group) == "nccl":
         t = t.cuda()
-    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    dist.all_reduce(t, op=dist.ReduceOp.MAX, group=group)
     return float(t.item())
+
+
+def host_group():
+    """A gloo group over every rank, for flags that live on the host (the preemption vote): under NCCL an
+    all-reduce of them would go through the GPU and read back, a wait for the stream every step. None
+    when the world group is already host-side (gloo) or there is no world. Collective: every rank calls it
+    at the same point (:class:`PreemptionGuard` does, in its constructor)."""
+    if not dist.is_initialized() or dist.get_backend() != "nccl":
+        return None
+    return dist.new_group(backend="gloo")
 
 
 class Preempted(Exception):
@@ -62,6 +73,7 @@ class PreemptionGuard:
             raise RuntimeError("PreemptionGuard must be created in the main thread (Python delivers signals "
                                "there).")
         self.received: Optional[int] = None
+        self._group = host_group()
         self._previous = {sig: signal.signal(sig, self._handle) for sig in signals}
 
     def _handle(self, signum, frame) -> None:
@@ -72,8 +84,9 @@ class PreemptionGuard:
         return signal.Signals(self.received).name if self.received is not None else None
 
     def should_stop(self) -> bool:
-        """True on every rank once any rank got a signal (collective: call it on all ranks each step)."""
-        return _all_reduce_max(1.0 if self.received is not None else 0.0) > 0
+        """True on every rank once any rank got a signal (collective: call it on all ranks each step; over a
+        host group, so on GPUs it does not wait for the device)."""
+        return _all_reduce_max(1.0 if self.received is not None else 0.0, self._group) > 0
 
     def check(self, where: str) -> None:
         """Raise :class:`Preempted` on every rank once any rank got a signal (collective, like should_stop)."""
@@ -114,7 +127,8 @@ class NonFiniteGuard:
 
     def agree_finite(self, loss: Optional[torch.Tensor]) -> bool:
         """Whether the loss is finite on every rank (collective). ``None``: this rank measured no loss
-        (a pipeline stage before the last) and only joins the vote."""
+        (a pipeline stage before the last) and only joins the vote. Reads the loss on the host: the
+        training step does not call it (it votes once per step on the device, :mod:`.step`)."""
         local_bad = 0.0 if loss is None or bool(torch.isfinite(loss.detach()).all()) else 1.0
         return _all_reduce_max(local_bad) == 0.0
 

@@ -4,8 +4,7 @@
 Both keep the same contract (:class:`StepResult`, the non-finite guard, the EMA update) so the trainer
 does not care which runs.
 
-One host read per optimizer step. The losses, their non-finite flag and (when the trainer passes its
-:class:`~heptapod_ds.engine.guards.PreemptionGuard`) the preemption flag stay on the device through the
+One host read per optimizer step. The losses and their non-finite flag stay on the device through the
 step's micro-batches and are reduced there; the step then reads them to the host once, as one small
 tensor, to decide: a non-finite loss on any micro-batch of any rank skips the step on every rank through
 the discard path (gradients dropped, counters rewound, no optimizer, scheduler or EMA update). The
@@ -42,11 +41,10 @@ class StepResult:
     """What one optimizer step did.
 
     ``loss``: mean loss over the global batch (NaN when skipped); ``skipped``: skipped for a non-finite loss;
-    ``lr``: the learning rate the step used; ``stop``: every rank agreed to stop for a preemption signal (the
-    vote rides on the step's one read; None when the step was not given the guard)."""
+    ``lr``: the learning rate the step used."""
 
-    def __init__(self, loss: float, skipped: bool, lr: float, grad_norm=None, stop: Optional[bool] = None):
-        self.loss, self.skipped, self.lr, self.stop = loss, skipped, lr, stop
+    def __init__(self, loss: float, skipped: bool, lr: float, grad_norm=None):
+        self.loss, self.skipped, self.lr = loss, skipped, lr
         self._grad_norm = grad_norm
 
     @property
@@ -56,22 +54,21 @@ class StepResult:
 
 
 def train_step(engine, micro_batches: Sequence, loss_fn: Callable, nonfinite: NonFiniteGuard, ema=None,
-               pipeline: bool = False, preempt=None) -> StepResult:
+               pipeline: bool = False) -> StepResult:
     """One optimizer step over one step's micro batches, with non-finite skipping.
 
     ``loss_fn(model, micro_batch) -> tensor``: the scalar mean loss (PP = 1: ``model`` is the engine;
     PP > 1: the stage module, and the tensor is the stage's output, the loss on the last stage).
     ``pipeline=True`` runs Megatron's 1F1B schedule over all micro batches (every stage calls it).
-    ``preempt``: the trainer's preemption guard, whose flag joins the step's vote (``StepResult.stop``).
     """
     if pipeline:
-        return _pipeline_step(engine, micro_batches, loss_fn, nonfinite, ema, preempt)
-    return _sequential_step(engine, micro_batches, loss_fn, nonfinite, ema, preempt)
+        return _pipeline_step(engine, micro_batches, loss_fn, nonfinite, ema)
+    return _sequential_step(engine, micro_batches, loss_fn, nonfinite, ema)
 
 
 # ---------------------------------------------------------------------------------------- PP = 1
 
-def _sequential_step(engine, micro_batches, loss_fn, nonfinite, ema, preempt) -> StepResult:
+def _sequential_step(engine, micro_batches, loss_fn, nonfinite, ema) -> StepResult:
     gas = engine.gradient_accumulation_steps()
     if len(micro_batches) != gas:
         raise ValueError(f"train_step got {len(micro_batches)} micro batches, DeepSpeed accumulates {gas} "
@@ -88,12 +85,12 @@ def _sequential_step(engine, micro_batches, loss_fn, nonfinite, ema, preempt) ->
         engine.backward(loss)
         if i < gas - 1:
             engine.step()  # not an accumulation boundary: DeepSpeed only advances its micro-step counters
-    mean, skip, stop = _vote(_dp_mean(total / gas), bad, preempt)
+    mean, skip = _vote(_dp_mean(total / gas), bad)
     if skip:
         _drop_local_gradients(engine)
         _discard_gradients(engine, counters, reset_micro_step=True)
         nonfinite.record(False)
-        return StepResult(loss=math.nan, skipped=True, lr=lr, stop=stop)
+        return StepResult(loss=math.nan, skipped=True, lr=lr)
     pre_step_norm = _zero0_grad_norm(engine) if engine.zero_optimization_stage() == 0 else None
     engine.step()
     nonfinite.record(True)
@@ -102,7 +99,7 @@ def _sequential_step(engine, micro_batches, loss_fn, nonfinite, ema, preempt) ->
     norm = engine.get_global_grad_norm()
     if norm is None and engine.zero_optimization_stage() == 0:
         norm = pre_step_norm  # DeepSpeed's ZeRO-0 path computes the norm to clip but discards it
-    return StepResult(loss=mean, skipped=False, lr=lr, grad_norm=norm, stop=stop)
+    return StepResult(loss=mean, skipped=False, lr=lr, grad_norm=norm)
 
 
 # ---------------------------------------------------------------------------------------- PP > 1
@@ -156,7 +153,7 @@ def _is_bf16_unfused(engine) -> bool:
             and engine.optimizer.low_precision_dtype == torch.bfloat16)
 
 
-def _pipeline_step(engine, micro_batches, loss_fn, nonfinite, ema, preempt) -> StepResult:
+def _pipeline_step(engine, micro_batches, loss_fn, nonfinite, ema) -> StepResult:
     from megatron.core.pipeline_parallel import get_forward_backward_func
 
     from heptapod_ds.distributed import cpu_compat, parallel_state
@@ -192,14 +189,13 @@ def _pipeline_step(engine, micro_batches, loss_fn, nonfinite, ema, preempt) -> S
         local = torch.stack(losses).double().mean() if losses else torch.zeros((), dtype=torch.float64,
                                                                                 device=device)
         bad = (~torch.isfinite(local)) if losses else torch.zeros((), dtype=torch.bool, device=device)
-        mean, skip, stop = _vote(_from_last_stage(_dp_mean(local) if info.pp_rank == info.pp_size - 1
-                                                  else local), bad, preempt)
+        mean, skip = _vote(_from_last_stage(_dp_mean(local) if info.pp_rank == info.pp_size - 1 else local), bad)
         if skip:
             _drop_local_gradients(engine)  # before leaving the block: nothing is reduced
     if skip:
         _discard_gradients(engine, counters, reset_micro_step=True)
         nonfinite.record(False)
-        return StepResult(loss=math.nan, skipped=True, lr=lr, stop=stop)
+        return StepResult(loss=math.nan, skipped=True, lr=lr)
     pre_step_norm = None
     if not coalesced:
         engine.allreduce_gradients()  # one reduction over the data-parallel group per optimizer step
@@ -212,7 +208,7 @@ def _pipeline_step(engine, micro_batches, loss_fn, nonfinite, ema, preempt) -> S
     norm = engine.get_global_grad_norm()
     if norm is None and stage == 0:
         norm = pre_step_norm
-    return StepResult(loss=mean, skipped=False, lr=lr, grad_norm=norm, stop=stop)
+    return StepResult(loss=mean, skipped=False, lr=lr, grad_norm=norm)
 
 
 def _collective(t: torch.Tensor, group=None) -> torch.Tensor:
@@ -232,21 +228,17 @@ def _from_last_stage(value: torch.Tensor) -> torch.Tensor:
     return t[0]
 
 
-def _vote(mean: torch.Tensor, bad: torch.Tensor, preempt) -> Tuple[float, bool, Optional[bool]]:
-    """The step's one host read: (mean loss, any rank non-finite, any rank preempted).
+def _vote(mean: torch.Tensor, bad: torch.Tensor) -> Tuple[float, bool]:
+    """The step's one host read: (mean loss, whether any rank saw a non-finite loss).
 
-    The flags are reduced with MAX over every rank (all stages, TP and DP peers) on the device; the
-    preemption flag is None when no guard was given."""
-    flags = torch.stack([bad.to(torch.float32).reshape(()),
-                         torch.tensor(0.0 if preempt is None or preempt.received is None else 1.0,
-                                      device=bad.device)])
+    The flag is reduced with MAX over every rank (all stages, TP and DP peers) on the device first."""
+    flag = bad.to(torch.float32).reshape(1)
     if dist.is_initialized():
-        flags = _collective(flags)
-        dist.all_reduce(flags, op=dist.ReduceOp.MAX)
-    host = torch.cat([mean.reshape(1).to(device=flags.device, dtype=torch.float64),
-                      flags.to(torch.float64)]).cpu()
-    mean_v, bad_v, stop_v = host.tolist()
-    return mean_v, bad_v > 0, (stop_v > 0) if preempt is not None else None
+        flag = _collective(flag)
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+    mean_v, bad_v = torch.cat([mean.reshape(1).to(device=flag.device, dtype=torch.float64),
+                               flag.to(torch.float64)]).cpu().tolist()
+    return mean_v, bad_v > 0
 
 
 def _drop_local_gradients(engine) -> None:

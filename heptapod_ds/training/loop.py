@@ -62,7 +62,7 @@ class Trainer:
         from heptapod_ds.data import ensure_dataset
         from heptapod_ds.engine import EMA, CheckpointManager, NonFiniteGuard, PreemptionGuard, build_engine
         from heptapod_ds.model import build_model
-        from heptapod_ds.model.flops import train_flops_per_image
+        from heptapod_ds.cost.flops import train_flops_per_image
 
         cfg = self.cfg
         os.makedirs(cfg.run_dir, exist_ok=True)
@@ -184,8 +184,7 @@ class Trainer:
         while self.step < cfg.train.steps:
             batches = self._micro_batches()
             result = train_step(self.engine, batches, self._loss, self.nonfinite, ema=self.ema,
-                                pipeline=self.pipeline, preempt=self.preempt)
-            voted = True  # result.stop is the preemption vote of this step, as of its one read
+                                pipeline=self.pipeline)
             if result.skipped:
                 log.warning("step %d: non-finite loss, step skipped (%d in a row, %d in total)", self.step + 1,
                             self.nonfinite.in_a_row, self.nonfinite.total_skipped)
@@ -202,13 +201,11 @@ class Trainer:
                     self._log(result)
                 try:
                     if cfg.eval.every and self.step % cfg.eval.every == 0 and self.step < cfg.train.steps:
-                        voted = False
                         with self.meter.paused():
                             self.evaluate(final=False)  # the last step is scored by the final evaluation
                     if cfg.eval.fid_every and self.step % cfg.eval.fid_every == 0:
                         from .evaluate import fid_during_training
 
-                        voted = False
                         t_fid = time.time()
                         with self.meter.paused():
                             fid_during_training(self)
@@ -216,8 +213,7 @@ class Trainer:
                 except Preempted:
                     pass  # the check below sees the same signal: save and exit for the requeue
                 fault_point("train.step", self.step)
-            # after an evaluation a signal may have come since the step's vote: ask all ranks again
-            if (result.stop if voted and result.stop is not None else self.preempt.should_stop()):
+            if self.preempt.should_stop():  # host values over a host (gloo) group: no wait for the GPU
                 log.warning("%s received: saving at step %d, exiting with status %d (requeue)",
                             self.preempt.signal_name or "preemption signal", self.step, self.preempt.exit_code)
                 self._save(reason="preempted")
