@@ -39,7 +39,7 @@ STEPS = 8
 WORLD = 4
 BASE = [*SMALL, "tokenizer.name=patch", "tokenizer.channels=1", f"train.steps={STEPS}", "checkpoint.save_every=4",
         "checkpoint.keep_last=2"]
-NAN_AT = "2:3:2"          # step 2, rank 3, micro batch 2 (of 2)
+NAN_AT = "2:3:1"          # step 2, rank 3, micro batch 2 of 2 (0-based index 1, as in tests/faults)
 USR1_AFTER, USR1_RANK = 5, 1
 
 
@@ -90,6 +90,7 @@ def test_every_template_default_configuration_at_tiny_scale(tmp_path):
     for names, precision, zero, tp, pp, tokens in configs:
         tag = f"{precision} ZeRO-{zero} TP={tp} PP={pp} ({tokens})"
         base = tmp_path / f"z{zero}t{tp}p{pp}"
+        base.mkdir()
         cfg = BASE + _layout(zero, tp, pp)
         nan = {"HEPTAPOD_NAN_AT": NAN_AT}
         ref, run = base / "ref", base / "run"
