@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Heptapod-L (477M parameters) on ImageNet 256 (KL-16 latents).
 # Default shape for 80-141 GB GPUs: 4 nodes x 8 GPUs = 32 ranks, TP=1, PP=1, ZeRO-1,
-# micro batch 32 -> data-parallel 32 x 32 x grad_accum 2 = global batch 2048.
+# micro batch 64 -> data-parallel 32 x 64 x grad_accum 1 = global batch 2048 (sized by python -m heptapod_ds.plan).
 # Submit from the repository root (logs go to logs/%x-%j.out, the run to runs/heptapod-L/):
 #   sbatch slurm/train_l.sh [key=value ...]
 #   sbatch --nodes=2 slurm/train_l.sh                    # another shape: grad_accum follows
@@ -19,5 +19,5 @@
 #SBATCH --open-mode=append
 #SBATCH --output=logs/%x-%j.out
 export PRESET=L HEPTAPOD_TEMPLATE=slurm/train_l.sh
-export TP="${TP:-1}" PP="${PP:-1}" ZERO="${ZERO:-1}" MICRO_BATCH="${MICRO_BATCH:-32}"
+export TP="${TP:-1}" PP="${PP:-1}" ZERO="${ZERO:-1}" MICRO_BATCH="${MICRO_BATCH:-64}"
 exec bash "${SLURM_SUBMIT_DIR:-.}/slurm/_train.sh" "$@"

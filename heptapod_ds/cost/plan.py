@@ -254,3 +254,69 @@ def log_startup_plan(cfg, logger=None) -> None:
             logger.info(line)
     except Exception as e:  # noqa: BLE001 - a planning gap must not stop training
         logger.warning("memory plan unavailable: %s", e)
+
+
+TEMPLATE_HEADROOM = 0.15
+
+
+def size_template(cfg, gpu_memory_gib: float = 80.0, headroom: float = TEMPLATE_HEADROOM, device: str = "cuda"):
+    """(micro batch, recompute granularity) a Slurm template should default to: the largest micro batch that
+    divides the per-rank batch and leaves ``headroom`` of the device free (and fits the usable memory), with
+    the cheapest recompute setting that allows a micro batch of at least 8 (else the largest overall)."""
+    par, tr = cfg.parallel, cfg.train
+    dp = par.world_size // par.model_parallel
+    per_rank_batch = tr.global_batch_size // dp
+    budget = min(usable_bytes(gpu_memory_gib), (1 - headroom) * gpu_memory_gib * GIB)
+    best = None
+    for name in ("none", "selective", "full"):
+        c = with_recompute(cfg, RECOMPUTE_SETTINGS[name])
+        ok = [mb for mb in range(1, per_rank_batch + 1) if per_rank_batch % mb == 0
+              and per_rank(c, mb, device)["total_bytes"] <= budget]
+        if ok and (best is None or max(ok) > best[0]):
+            best = (max(ok), name)
+        if ok and max(ok) >= 8:
+            return max(ok), name
+    return best or (0, "full")
+
+
+# The Slurm templates' shapes (slurm/train_*.sh: nodes x 8 GPUs, TP, ZeRO as shipped); the micro batch and
+# recompute setting are what :func:`size_template` chooses for 80 GB GPUs (tests/test_plan_templates.py
+# fails when a template or the README drifts from it).
+TEMPLATE_SHAPES = {"B": (2, 1, 1), "L": (4, 1, 1), "XL": (8, 2, 2), "H": (16, 2, 2)}
+
+
+def _load(preset, world, tp, zero, extra=()):
+    from heptapod_ds.config.loader import load_config
+
+    return load_config(overrides=[f"preset={preset}", f"parallel.tensor={tp}", f"parallel.zero_stage={zero}",
+                                  "parallel.gpu_memory_gib=0", *extra], world_size=world)
+
+
+def template_defaults(gpu_memory_gib: float = 80.0) -> Dict[str, Dict[str, Any]]:
+    """{preset: {nodes, tp, zero, micro_batch, recompute, dp, grad_accum}} as the planner sizes the templates."""
+    out = {}
+    for preset, (nodes, tp, zero) in TEMPLATE_SHAPES.items():
+        world = nodes * 8
+        mb, rc = size_template(_load(preset, world, tp, zero, ["train.micro_batch_size=1"]), gpu_memory_gib)
+        cfg = _load(preset, world, tp, zero, [f"train.micro_batch_size={mb}"])
+        dp = world // tp
+        out[preset] = {"nodes": nodes, "tp": tp, "zero": zero, "micro_batch": mb, "recompute": rc, "dp": dp,
+                       "grad_accum": cfg.train.global_batch_size // (mb * dp)}
+    return out
+
+
+def fit_table() -> str:
+    """The README's "Will it fit?" table: every ImageNet preset, template layout sized by the planner, on
+    8 x 80 GB and on 16 nodes x 8 H200 (141 GB)."""
+    rows = ["| preset | GPUs | TP | ZeRO | micro batch | recompute | GiB per rank | fits | step (s) | images/s | "
+            "days (800 ep) | FID-50K GPU-h |", "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+    for world, gib, label in ((8, 80.0, "8 x 80 GB"), (128, 141.0, "16 x 8 H200")):
+        for preset, (_, tp, zero) in TEMPLATE_SHAPES.items():
+            mb, rc = size_template(_load(preset, world, tp, zero, ["train.micro_batch_size=1"]), gib)
+            cfg = _load(preset, world, tp, zero, [f"train.micro_batch_size={mb}", f"recompute.granularity={rc}"])
+            p = make_plan(cfg, gpu_memory_gib=gib)
+            rows.append(f"| {preset} | {label} | {tp} | {zero} | {mb} | {rc} | "
+                        f"{p['per_rank']['total_bytes'] / GIB:.1f} | {'yes' if p['fits'] else 'no'} | "
+                        f"{p['step_time_s']:.2f} | {p['images_per_s']:.0f} | {p['days']:.1f} | "
+                        f"{p['fid50k_gpu_hours']:.1f} |")
+    return "\n".join(rows)
