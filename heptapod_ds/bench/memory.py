@@ -4,7 +4,8 @@ Counted from the tensors the engine itself holds (not process RSS): the model's 
 (ZeRO-3: each parameter's ``ds_tensor`` partition), the gradients alive after a backward (the
 parameters' ``.grad``; ZeRO-2: DeepSpeed's averaged gradient partitions; ZeRO-3: its flat gradient
 partition buffer), the optimizer's own copies of what it updates when they are not the model's
-parameters (fp32 partitions at ZeRO 1-3) and the optimizer state (AdamW's two moments).
+parameters (fp32 partitions at ZeRO 1-3) and the optimizer state (AdamW's two moments). Each row also
+carries the cost model's prediction (:func:`heptapod_ds.cost.memory.model_state_bytes`).
 """
 from __future__ import annotations
 
@@ -111,12 +112,20 @@ def run(preset: str, micro_batch: int, timeout: float = 600) -> List[Dict]:
             p.join(timeout=30)
             if p.is_alive():
                 p.kill()
+    from heptapod_ds.config import load_config
+    from heptapod_ds.cost.memory import model_state_bytes
+
     rows = []
     base = sum(results[0][0].values())
     for stage in (0, 1, 2, 3):
         per_rank = results[0][stage]
         total = sum(per_rank.values())
+        cfg = load_config(overrides=[f"preset={preset}", f"parallel.zero_stage={stage}",
+                                     f"train.micro_batch_size={micro_batch}",
+                                     f"train.global_batch_size={micro_batch * 2}", "train.grad_accum=1"], world_size=2)
+        predicted = model_state_bytes(cfg, 2, "fp32")  # the cost model's figure for the same partitions
         rows.append({"row": f"memory/{preset}/zero{stage}", "dp": 2, **{f"{k}_bytes": v for k, v in per_rank.items()},
                      "total_bytes": total, "fraction_of_zero0": total / base,
+                     "predicted_total_bytes": sum(predicted.values()),
                      "ranks_agree": results[0][stage] == results[1][stage]})
     return rows
