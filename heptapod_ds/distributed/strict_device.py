@@ -18,6 +18,7 @@ from __future__ import annotations
 import contextlib
 import os
 import traceback
+import weakref
 from collections import Counter
 from typing import Dict, Iterator, List, Optional
 
@@ -133,25 +134,34 @@ class _ReadCounter(TorchFunctionMode):
     def __init__(self, counts: Counter, sites: Dict[str, List[str]]):
         super().__init__()
         self.counts, self.sites = counts, sites
+        self.copied: Dict[int, weakref.ref] = {}  # results of a counted copy: host tensors from then on
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
         is_read = func in _READS
         if func is torch.Tensor.to and args and isinstance(args[0], torch.Tensor):
             target = kwargs.get("device", args[1] if len(args) > 1 else None)
+            # a non-blocking copy does not wait (on CPU it stands for the step's host-to-device copies)
             is_read = (isinstance(target, (str, torch.device)) and torch.device(target).type == "cpu"
-                       and args[0].device.type != "cpu")
+                       and not kwargs.get("non_blocking", False))
+        source = args[0] if args and isinstance(args[0], torch.Tensor) else None
+        ref = self.copied.get(id(source)) if source is not None else None
+        if is_read and ref is not None and ref() is source:
+            is_read = False  # .cpu().tolist(): one read, not two
         if is_read:
             origin = _origin()
             self.counts[origin] += 1
             self.sites.setdefault(origin, []).append(_caller())
-        return func(*args, **kwargs)
+        out = func(*args, **kwargs)
+        if is_read and isinstance(out, torch.Tensor):
+            self.copied[id(out)] = weakref.ref(out)
+        return out
 
 
 @contextlib.contextmanager
 def count_host_reads(counts: Counter, sites: Dict[str, List[str]]):
     """Count, inside the block, every read of a tensor's values on the host (``item``, ``tolist``,
-    ``float``/``int``/``bool`` of a tensor, ``cpu``/``numpy``), by origin: ``project`` (heptapod_ds),
+    ``float``/``int``/``bool`` of a tensor, ``cpu``/``numpy``, a blocking ``to("cpu")``), by origin: ``project`` (heptapod_ds),
     ``deepspeed``, ``megatron``, or a file name. On CPU every tensor counts as a device tensor, so the
     count is what a GPU run would wait for (``sites`` lists where)."""
     with _ReadCounter(counts, sites):

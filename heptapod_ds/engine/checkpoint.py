@@ -99,8 +99,32 @@ def rng_state() -> Dict[str, Any]:
             "numpy": {"kind": str(kind), "keys": torch.from_numpy(keys.astype(np.int64)), "pos": int(pos),
                       "has_gauss": int(has_gauss), "cached_gaussian": float(cached)},
             "torch": torch.get_rng_state(),
-            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None,
+            "cuda": _this_device_rng_state(),
             "megatron": get_cuda_rng_tracker().get_states()}
+
+
+def _this_device_rng_state():
+    """The RNG state of the GPU this rank trains on (one tensor), or None without CUDA.
+
+    Only this rank's device: every other visible GPU belongs to another rank, and a job that resumes on
+    nodes exposing fewer GPUs per task (one per task under Slurm's ``--gpus-per-task``) must still load it."""
+    if not torch.cuda.is_available():
+        return None
+    return torch.cuda.get_rng_state(torch.cuda.current_device())
+
+
+def _restore_device_rng(saved) -> None:
+    """Restore what :func:`_this_device_rng_state` saved onto this rank's GPU. Older checkpoints hold a list
+    of every visible GPU's state: the entry of this rank's device when it exists, else the first (the
+    states were seeded alike), so a task that sees fewer GPUs than the saving one still resumes."""
+    if saved is None or not torch.cuda.is_available():
+        return
+    device = torch.cuda.current_device()
+    if isinstance(saved, (list, tuple)):
+        if not saved:
+            return
+        saved = saved[device] if device < len(saved) else saved[0]
+    torch.cuda.set_rng_state(saved, device)
 
 
 def set_rng_state(state: Dict[str, Any]) -> None:
@@ -112,8 +136,7 @@ def set_rng_state(state: Dict[str, Any]) -> None:
     np.random.set_state((npy["kind"], npy["keys"].numpy().astype(np.uint32), npy["pos"], npy["has_gauss"],
                          npy["cached_gaussian"]))
     torch.set_rng_state(state["torch"])
-    if state["cuda"] is not None and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
+    _restore_device_rng(state["cuda"])
     if state.get("megatron") is not None:  # None: a TP rank a converted checkpoint had no state for
         get_cuda_rng_tracker().set_states(state["megatron"])
 

@@ -183,22 +183,20 @@ class EMA:
         if group is None or dist.get_world_size(group) == 1:
             self._dirty = False
             return
-        pieces = []
+        # In place, one parameter at a time: each rank zeroes what it does not own and the sum over the
+        # data-parallel ranks makes the shadow whole. No full-size temporary (a concatenated copy of every
+        # shadow was ~7.5 GB for preset H at each save).
         for shadow, (_, p) in zip(self.shadow, self._named):
-            flat = torch.zeros(shadow.numel(), dtype=torch.float32, device=shadow.device)
             master, start = _master(p)
+            if master is None:  # not split (replicated on every rank): nothing to gather
+                continue
+            flat = shadow.view(-1)
             if isinstance(master, torch.Tensor):
-                flat.narrow(0, start, master.numel()).copy_(shadow.view(-1).narrow(0, start, master.numel()))
-            elif master is None:  # not split (replicated on every rank): keep it out of the sum
-                flat = None
-            pieces.append(flat)
-        buf = torch.cat([f for f in pieces if f is not None])
-        dist.all_reduce(buf, group=group)
-        offset = 0
-        for shadow, flat in zip(self.shadow, pieces):
-            if flat is not None:
-                shadow.view(-1).copy_(buf[offset:offset + shadow.numel()])
-                offset += shadow.numel()
+                flat[:start].zero_()
+                flat[start + master.numel():].zero_()
+            else:  # this rank holds none of it
+                flat.zero_()
+            dist.all_reduce(shadow, group=group)
         self._dirty = False
 
     def state_dict(self) -> Dict:

@@ -236,8 +236,7 @@ def _vote(mean: torch.Tensor, bad: torch.Tensor) -> Tuple[float, bool]:
     if dist.is_initialized():
         flag = _collective(flag)
         dist.all_reduce(flag, op=dist.ReduceOp.MAX)
-    mean_v, bad_v = torch.cat([mean.reshape(1).to(device=flag.device, dtype=torch.float64),
-                               flag.to(torch.float64)]).cpu().tolist()
+    mean_v, bad_v = torch.cat([mean.reshape(1).double(), flag.double()]).cpu().tolist()  # both on one device
     return mean_v, bad_v > 0
 
 

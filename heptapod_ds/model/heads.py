@@ -62,16 +62,17 @@ class GridHead(nn.Module):
         mask_type = AttnMaskType.no_mask if window is None else AttnMaskType.arbitrary
         self.decoder = build_stack(self.config, impl, mask_type)
 
-    def forward(self, prefix: torch.Tensor, timesteps: torch.Tensor) -> torch.Tensor:
-        """``prefix``: backbone outputs [B, n, Wb] (n > max t); ``timesteps``: long [B, T].
+    def forward(self, prefix: torch.Tensor, timesteps: torch.Tensor, bounded: bool = False) -> torch.Tensor:
+        """``prefix``: backbone outputs [B, n, Wb] (n > max t); ``timesteps``: long [B, T]. ``bounded``:
+        the caller guarantees max t < n (a drawn plan), so the values are not read to check it.
 
         Returns the head outputs of every slot, [B, T, N + 1, W_head]; slot j > t holds ``z_{t,j}``.
         """
         b, n, _ = prefix.shape
         if timesteps.dim() != 2 or timesteps.shape[0] != b:
             raise ValueError(f"timesteps must be [B={b}, T], got {tuple(timesteps.shape)}.")
-        if timesteps.device.type == "cpu" and timesteps.numel() and int(timesteps.max()) >= n:
-            # host timesteps only: on a device the plan is drawn (and bounded) on the host beforehand
+        if not bounded and timesteps.device.type == "cpu" and timesteps.numel() and int(timesteps.max()) >= n:
+            # host timesteps only: a device value is never read here (callers with a plan pass bounded)
             raise ValueError(f"timestep {int(timesteps.max())} needs backbone outputs o_0..o_t, "
                              f"only {n} given.")
         x = self.embed(prefix, timesteps)

@@ -74,7 +74,7 @@ class HeptapodModel(nn.Module):
         o = self.backbone(draws.labels(labels, self.num_classes), tokens[:, :self.num_tokens - 1])  # [B, N, Wb]
         if self.head is None:
             return self.loss_from_features(o.transpose(0, 1), tokens, draws)
-        out = self.head(o, draws.plan.timesteps)                                   # [B, T, N+1, Wh]
+        out = self.head(o, draws.plan.timesteps, bounded=True)  # a drawn plan: t < N   [B, T, N+1, Wh]
         return self.loss_from_features(out.reshape(-1, out.shape[-2], out.shape[-1]).transpose(0, 1),
                                        tokens, draws)
 
@@ -117,7 +117,7 @@ class HeptapodModel(nn.Module):
                              f"(tokenizer.channels), "
                              f"got {tokens.dtype} {tuple(tokens.shape)}.")
         _check_labels(labels, tokens.shape[0], self.num_classes)
-        if tokens.device.type == "cpu":
+        if draws is None and tokens.device.type == "cpu":  # with draws the caller checked its host batch
             check_batch_values(tokens, labels, self.vocab_size if self.discrete else None, self.num_classes)
         if sample_seeds is not None and (sample_seeds.dim() != 1 or sample_seeds.shape[0] != tokens.shape[0]):
             raise ValueError(f"sample_seeds must be [B={tokens.shape[0]}], got {tuple(sample_seeds.shape)}.")
