@@ -52,11 +52,16 @@ def _attempt(device: str, preset: str, micro_batch: int, steps: int) -> Dict:
                                  "train.grad_accum=1", "train.ema_decay=0", "backbone.attention=auto"],
                       world_size=1)
     engine, _, _ = build_engine(cfg, lambda: build_model(cfg))
-    tokens, labels, seeds = (t.to(device) for t in _batch(cfg, micro_batch))
+    from heptapod_ds.model.draws import draw_batch
+
+    tokens, labels, seeds = _batch(cfg, micro_batch)
+    # as the trainer does: the draws made on the host from the seeds, then copied with the batch
+    draws = draw_batch(cfg, micro_batch, seeds, training=True).to(device)
+    tokens, labels = tokens.to(device), labels.to(device)
     guard = NonFiniteGuard(5)
 
     def step():
-        train_step(engine, [(tokens, labels, seeds)], lambda eng, mb: eng(mb[0], mb[1], sample_seeds=mb[2])[0], guard)
+        train_step(engine, [(tokens, labels, seeds)], lambda eng, mb: eng(mb[0], mb[1], draws=draws)[0], guard)
 
     try:
         step()

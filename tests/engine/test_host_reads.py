@@ -92,3 +92,20 @@ def test_a_poisoned_micro_batch_skips_the_step_with_one_read(single_rank):
     result = train_step(engine, _micro_batches(cfg, 1, 2), _loss, nonfinite)  # the next step trains
     assert not result.skipped and nonfinite.in_a_row == 0
     assert any(not torch.equal(a, b) for a, b in zip(before, engine.module.parameters()))
+
+
+def test_gpu_rng_state_is_restored_on_the_device_that_exists(monkeypatch):
+    """A checkpoint of a task that saw 8 GPUs (a list of 8 states) resumes on a task that sees one."""
+    from heptapod_ds.engine import checkpoint
+
+    restored = []
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
+    monkeypatch.setattr(torch.cuda, "set_rng_state", lambda state, device: restored.append((int(state[0]), device)))
+    monkeypatch.setattr(torch.cuda, "get_rng_state", lambda device: torch.tensor([40 + device], dtype=torch.uint8))
+    states = [torch.tensor([i], dtype=torch.uint8) for i in range(8)]
+    checkpoint._restore_device_rng(states)
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 5)
+    checkpoint._restore_device_rng(states)
+    checkpoint._restore_device_rng(checkpoint._this_device_rng_state())  # what a new checkpoint holds
+    assert restored == [(0, 0), (5, 5), (45, 5)]
