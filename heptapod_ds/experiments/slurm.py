@@ -34,6 +34,7 @@ def array_script(grid_path: str, out_dir: str, indices: Sequence[int], job_name:
 #SBATCH --ntasks=1
 #SBATCH --requeue
 #SBATCH --signal=USR1@600
+#SBATCH --open-mode=append
 #SBATCH --output={logs}/%x-%A_%a.out
 {extra}set -uo pipefail
 cd {shlex.quote(repo)} || exit 2

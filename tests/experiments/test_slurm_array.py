@@ -47,6 +47,7 @@ def test_array_over_unfinished_runs_and_report_job(tmp_path, capsys):
     assert "#SBATCH --array=0,2,3\n" in script  # next_tiny/seed1 is finished
     assert "#SBATCH --partition=gpu\n#SBATCH --gpus-per-node=1\n" in script
     assert f"--output={out}/slurm/%x-%A_%a.out" in script and (out / "slurm").is_dir()
+    assert "#SBATCH --open-mode=append\n" in script  # a requeued task's log keeps the earlier attempt
     assert '--task "$SLURM_ARRAY_TASK_ID"' in script and "train.steps=30" in script
     assert 'scontrol requeue "${SLURM_ARRAY_JOB_ID}_${SLURM_ARRAY_TASK_ID}"' in script
     calls = log.read_text().splitlines()

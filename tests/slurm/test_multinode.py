@@ -372,3 +372,58 @@ def test_every_attempt_says_what_stopped_it_and_what_was_lost(mrun):
         print("  ", row)
     print(f"all checkpoints verify (0 bytes lost); attempts {f['states']}; events {mrun.events}")
     assert rows[0][-1] == 0  # the preemption loses nothing
+
+
+def _sha256(path):
+    import hashlib
+
+    with open(path, "rb") as fh:
+        return hashlib.sha256(fh.read()).hexdigest()
+
+
+def test_sample_fid_on_two_nodes_equals_one_process(mrun):
+    job = mrun.jobs["fid"]
+    assert job["info"]["JobState"] == "COMPLETED", mrun.report("fid")
+    two = os.path.join(mrun.root, "runs", "fid2")
+    one = os.path.join(mrun.root, "runs", "fid1")
+    env = {k: v for k, v in mrun.env.items() if k != "SLURM_CONF"}
+    r = subprocess.run([sys.executable, "tools/sample_fid.py", *FID_ARGS, "--out", one], cwd=mrun.root, env=env,
+                       capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    a, b = open(os.path.join(one, "samples.npz"), "rb").read(), open(os.path.join(two, "samples.npz"), "rb").read()
+    assert a == b, "samples.npz of 2 nodes differs from 1 process"
+    assert "2 tasks on 2 node(s)" in mrun.log("fid"), mrun.report("fid")
+    print(f"sample_fid.sh: job {job['id']} on 2 nodes, samples.npz {len(b)} bytes == 1 process "
+          f"(sha256 {_sha256(os.path.join(two, 'samples.npz'))[:16]})")
+
+
+def test_pretokenize_on_two_nodes_equals_one_process(mrun):
+    job = mrun.jobs["pretok"]
+    assert job["info"]["JobState"] == "COMPLETED", mrun.report("pretok")
+    assert "2 tasks on 2 node(s)" in mrun.log("pretok"), mrun.report("pretok")
+    one = os.path.join(mrun.root, "data", "one.beton")
+    env = {k: v for k, v in mrun.env.items() if k != "SLURM_CONF"}
+    r = subprocess.run([sys.executable, "tools/pretokenize.py", "--input", mrun.images, "--output", one,
+                        *PRETOK_ARGS], cwd=mrun.root, env=env, capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    two = os.path.join(mrun.root, "data", "two.beton")
+    assert _sha256(one) == _sha256(two), "the beton of 2 nodes differs from 1 process"
+    print(f"pretokenize.sh: job {job['id']} on 2 nodes, beton sha256 {_sha256(two)[:16]} == 1 process")
+
+
+def test_ablate_array_on_the_real_controller_requeues_its_preempted_task(mrun):
+    ab = mrun.ablate
+    assert "usr1" in ab, f"array task 1 finished before it could be signalled: {ab}"
+    for task in (0, 1):
+        assert ab["tasks"][task].get("JobState") == "COMPLETED", ab
+    assert ab["tasks"][1].get("Restarts") == "1" and ab["tasks"][0].get("Restarts") == "0", ab
+    assert ab["report_state"] == "COMPLETED", ab
+    logs = os.path.join(mrun.root, "runs", "ablate", "slurm")
+    text = "".join(open(os.path.join(logs, n), errors="replace").read() for n in sorted(os.listdir(logs)))
+    # the array task's log keeps both attempts (--open-mode=append): the save and requeue, then the resume
+    assert "saved a checkpoint after a preemption signal; requeueing" in text, text[-4000:]
+    assert re.search(r"global_tiny/seed0: resuming \(20 steps", text), text[-4000:]
+    for variant, steps in _ablate_runs(mrun).items():
+        assert steps == sorted(set(steps)) and steps[-1] == 20, (variant, steps)   # each step logged once
+    print(f"ablate --slurm: array {ab['array']} (2 tasks), task 1 preempted after step {ab['usr1']}, requeued, "
+          f"finished; report job {ab['report']} {ab['report_state']}")
