@@ -261,9 +261,22 @@ class Trainer:
                "nonfinite_skipped": self.nonfinite.total_skipped}
         rec.update(self.meter.report())
         rec.update(memory_gib())
+        if self.device.type == "cuda" and not getattr(self, "_memory_compared", False):
+            self._memory_compared = True
+            self._compare_memory(rec)
         self.metrics.log(self.step, rec)
         log.info("step %d | loss %.4f | lr %.3g | gnorm %s | %.1f img/s", self.step, result.loss, rec["lr"],
                  f"{rec['grad_norm']:.3f}" if rec["grad_norm"] is not None else "n/a", rec["images_per_s"])
+
+    def _compare_memory(self, rec: Dict) -> None:
+        """After the first logged steps on a GPU: the measured peak beside the planner's prediction."""
+        from heptapod_ds.cost.plan import per_rank
+
+        predicted = per_rank(self.cfg)["total_bytes"] / 2**30
+        rec["mem_predicted_gib"] = predicted
+        log.info("GPU memory after %d steps: peak allocated %.2f GiB, planner predicted %.2f GiB for the most "
+                 "loaded rank (%+.0f%%)", self.step, rec["mem_peak_gib"], predicted,
+                 100 * (rec["mem_peak_gib"] / predicted - 1) if predicted else 0.0)
 
     def _save(self, reason: str) -> None:
         t0 = time.time()
