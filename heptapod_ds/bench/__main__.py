@@ -89,6 +89,12 @@ def describe(row: Dict) -> str:
             text += f", vs listed peak {row['mfu'] * 100:.1f}%"
         if "memory_peak_gib" in row:
             text += f", peak {row['memory_peak_gib']:.1f} GiB"
+        if "memory_predicted_gib" in row:
+            text += f" (planner {row['memory_predicted_gib']:.2f} GiB)"
+        if "resume_exact" in row:
+            text += (f"; checkpoint {row['checkpoint_save_s']:.1f} s save / {row['checkpoint_load_s']:.1f} s load, "
+                     f"resume {'exact' if row['resume_exact'] else 'NOT EXACT'}, "
+                     f"sampling {row['sample_s_per_image']:.1f} s/img")
         return text
     return json.dumps(row)
 

@@ -1,8 +1,10 @@
 """The GPU row: the largest preset that fits one device, bf16, fastest attention; MFU, images/s, memory.
 
 On a GPU it tries preset H, then XL, L, B, each at micro batch 32, 16, 8, and measures the first that
-runs (DeepSpeed ZeRO-0, world 1, bf16, ``backbone.attention=auto``: TransformerEngine when installed,
-else SDPA's flash kernels). MFU is against the device's listed bf16 peak and against a bf16 matmul
+runs; then, on the same engine, saves a checkpoint, steps, resumes and steps again (the two losses must
+agree: exact resume), and samples two images (the first-GPU-run checklist of the README). The engine is
+DeepSpeed ZeRO-0, world 1, bf16, ``backbone.attention=auto`` (TransformerEngine when installed, else
+SDPA's flash kernels). MFU is against the device's listed bf16 peak and against a bf16 matmul
 peak measured in the same run. On CPU (``--device cpu``) the same code runs the tiny preset in fp32,
 so CI knows it starts.
 """
@@ -61,7 +63,8 @@ def _attempt(device: str, preset: str, micro_batch: int, steps: int) -> Dict:
     guard = NonFiniteGuard(5)
 
     def step():
-        train_step(engine, [(tokens, labels, seeds)], lambda eng, mb: eng(mb[0], mb[1], draws=draws)[0], guard)
+        return train_step(engine, [(tokens, labels, seeds)], lambda eng, mb: eng(mb[0], mb[1], draws=draws)[0],
+                          guard)
 
     try:
         step()
@@ -84,12 +87,54 @@ def _attempt(device: str, preset: str, micro_batch: int, steps: int) -> Dict:
                "images_per_s": micro_batch / median, "achieved_flops_per_s": flops * micro_batch / median}
         if device == "cuda":
             row["memory_peak_gib"] = torch.cuda.max_memory_allocated() / 2 ** 30
+        from heptapod_ds.cost.plan import per_rank
+
+        row["memory_predicted_gib"] = per_rank(cfg, device=device)["total_bytes"] / 2 ** 30
+        row.update(_checkpoint_resume_sample(cfg, engine, step, device))
         return row
     finally:
         del engine
         gc.collect()
         if device == "cuda":
             torch.cuda.empty_cache()
+
+
+def _checkpoint_resume_sample(cfg, engine, step, device: str) -> Dict:
+    """The rest of a first GPU run on the same engine: save a checkpoint, take one step, load the checkpoint,
+    take the same step again (its loss must be the same: exact resume), then sample two images with the
+    KV cache. Timed; the checkpoint lives in a temporary directory that is removed afterwards."""
+    import dataclasses
+    import tempfile
+
+    from heptapod_ds.engine import CheckpointManager
+
+    with tempfile.TemporaryDirectory(prefix="heptapod_bench_") as tmp:
+        run_cfg = dataclasses.replace(cfg, run_dir=tmp,
+                                      checkpoint=dataclasses.replace(cfg.checkpoint, resume="auto"))
+        ckpt = CheckpointManager(run_cfg)
+        t0 = time.perf_counter()
+        ckpt.save(engine, 1, {"step": 1})
+        save_s = time.perf_counter() - t0
+        first = step()
+        t0 = time.perf_counter()
+        ckpt.load(engine)
+        load_s = time.perf_counter() - t0
+        again = step()
+    model = engine.module
+    labels = torch.tensor([1, 2], device=device)
+    from heptapod_ds.sampling.seeds import image_seeds
+
+    _sync(device)
+    t0 = time.perf_counter()
+    model.eval()
+    try:
+        tokens = model.generate(labels, image_seeds(0, range(2)))
+    finally:
+        model.train()
+    _sync(device)
+    return {"checkpoint_save_s": save_s, "checkpoint_load_s": load_s,
+            "resume_exact": bool(first.loss == again.loss), "losses_after_save_and_resume": [first.loss, again.loss],
+            "sample_s_per_image": (time.perf_counter() - t0) / 2, "sampled_tokens": list(tokens.shape)}
 
 
 def run(device: str, quick: bool) -> List[Dict]:
