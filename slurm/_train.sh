@@ -12,8 +12,9 @@
 # The world size is what Slurm gives the job (--nodes x --ntasks-per-node); train.grad_accum is
 # derived from it so that the global batch stays the preset's.
 #
-# HEPTAPOD_DRY_RUN=1 (outside Slurm, with SLURM_NTASKS=<world size>): print the resolved config and
-# exit; this is also the check every job runs before srun starts its tasks.
+# HEPTAPOD_DRY_RUN=1 (outside Slurm, with SLURM_NTASKS=<world size>): print the resolved config (stdout)
+# and its capacity plan (stderr, python -m heptapod_ds.plan; GPU_MEMORY_GIB=141 for an H200) and exit; the
+# config check is also what every job runs before srun starts its tasks.
 #
 # How a preemption becomes a requeue: `--signal=USR1@600` (templates) or `scancel --signal=USR1 JOB`
 # reach the trainer directly; every rank finishes its step, the checkpoint is saved, rank 0 writes
@@ -71,6 +72,13 @@ fi
 rm -f "$check_err"
 if [[ "${HEPTAPOD_DRY_RUN:-0}" == 1 ]]; then
   echo "$config_yaml"
+  # and the capacity plan of exactly that config at this world size, on stderr (stdout stays the config)
+  plan_cfg="$(mktemp --suffix=.yaml)"
+  echo "$config_yaml" > "$plan_cfg"
+  WORLD_SIZE="$world" "$PY" -m heptapod_ds.plan --config "$plan_cfg" --gpus "$world" \
+    ${GPU_MEMORY_GIB:+--gpu-memory-gib "$GPU_MEMORY_GIB"} >&2 2>/dev/null \
+    || echo "(the planner could not run on this config)" >&2
+  rm -f "$plan_cfg"
   exit 0
 fi
 
