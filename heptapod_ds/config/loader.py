@@ -254,7 +254,7 @@ def validate(cfg: HeptapodConfig, world_size: Optional[int] = None) -> HeptapodC
                 "diffusion.train_steps", "diffusion.sample_steps", "diffusion.batch_mul", "tokenizer.image_size",
                 "tokenizer.stride", "tokenizer.channels", "tokenizer.vocab_size", "train.global_batch_size",
                 "train.micro_batch_size", "parallel.tensor", "parallel.pipeline", "sampling.batch_size",
-                "checkpoint.keep_last", "logging.log_every", "head.window",
+                "checkpoint.keep_last", "logging.log_every", "head.window", "head.length_buckets",
                 "parallel.collective_timeout_s"]
     for key in positive:
         obj = cfg

@@ -76,6 +76,11 @@ class HeadConfig:
     timesteps: int = F(4, "T: timesteps per image at which the head is run in training.")
     supervised: int = F(8, "K: supervised positions per timestep among the remaining ones (0 = all).")
     window: int = F(16, "W: window of the local head, in positions after t.")
+    length_buckets: int = F(4, "Local head in training: its (image, timestep) sequences are cut to the slots they "
+                            "read (prefix 0..t and window t+1..t+W) and grouped into this many length buckets "
+                            "(quantiles of t), each padded to its longest; 1 = every sequence at the full N + 1 slots "
+                            "(the computation of the uncut head). More buckets waste fewer slots, each costs one more "
+                            "attention call per layer.")
     pos_embed: str = F("learned", "Position information of the head: learned (an additive 2D table, as in "
                        "MAE/MAR decoders) or rope2d (2D rotary angles in the head's attention, base "
                        "backbone.rope_theta: attention sees relative offsets, so a masked slot finds its prefix "
@@ -129,6 +134,8 @@ class TrainConfig:
     seed: int = F(0, "Seed of parameters, noise and dropout.")
     ema_decay: float = F(0.999, "Decay of the exponential moving average of the weights (0 = off).")
     max_nonfinite: int = F(5, "Stop after this many non-finite losses in a row.")
+    compile: bool = F(False, "torch.compile each Transformer layer of backbone and head (per layer, before the "
+                      "DeepSpeed wrapping, as torchtitan does); compile time is logged apart from step time.")
 
 
 @dataclass
