@@ -29,12 +29,21 @@ class PlainAttention(nn.Module):
         self.linear_qkv = nn.Linear(width, 3 * width)
         self.linear_proj = nn.Linear(width, width)
 
-    def forward(self, x: torch.Tensor, mask: Optional[torch.Tensor], rotary: Optional[torch.Tensor]) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, mask: Optional[torch.Tensor], rotary: Optional[torch.Tensor],
+                packed=None) -> torch.Tensor:
         s, b, w = x.shape
         qkv = self.linear_qkv(x).view(s, b, self.heads, 3, w // self.heads)   # megatron: per head [q, k, v]
         q, k, v = qkv.unbind(dim=3)                                          # [s, b, h, d]
         if rotary is not None:
             q, k = _rotate(q, rotary), _rotate(k, rotary)
+        if packed is not None:  # the local head's packed length groups, each an [L, n] block
+            outs = []
+            for (offset, length, size, _), allowed in zip(packed.groups(), packed.allowed_masks()):
+                qg, kg, vg = (t[offset:offset + length * size].reshape(length, size, *t.shape[2:]).permute(1, 2, 0, 3)
+                              for t in (q, k, v))
+                out = F.scaled_dot_product_attention(qg, kg, vg, attn_mask=allowed)
+                outs.append(out.permute(2, 0, 1, 3).reshape(length * size, w))
+            return self.linear_proj(torch.cat(outs)[:, None])
         q, k, v = (t.permute(1, 2, 0, 3) for t in (q, k, v))
         out = F.scaled_dot_product_attention(q, k, v, attn_mask=None if mask is None else ~mask,
                                              is_causal=self.causal and mask is None)
@@ -59,8 +68,8 @@ class PlainLayer(nn.Module):
         self.pre_mlp_layernorm = nn.LayerNorm(width, eps=eps)
         self.mlp = PlainMLP(width, ffn)
 
-    def forward(self, x, mask, rotary):
-        x = x + self.self_attention(self.input_layernorm(x), mask, rotary)
+    def forward(self, x, mask, rotary, packed=None):
+        x = x + self.self_attention(self.input_layernorm(x), mask, rotary, packed)
         return x + self.mlp(self.pre_mlp_layernorm(x))
 
 
@@ -73,12 +82,13 @@ class PlainBlock(nn.Module):
         self.layers = nn.ModuleList(PlainLayer(w, h, ffn, eps, causal) for _ in range(config.num_layers))
         self.final_layernorm = nn.LayerNorm(w, eps=eps)
 
-    def forward(self, hidden_states, attention_mask=None, rotary_pos_emb=None, inference_context=None):
+    def forward(self, hidden_states, attention_mask=None, rotary_pos_emb=None, inference_context=None,
+                packed_seq_params=None):
         if inference_context is not None:
             raise ValueError("the plain reference is for training; it has no KV cache.")
         x = hidden_states
         for layer in self.layers:
-            x = layer(x, attention_mask, rotary_pos_emb)
+            x = layer(x, attention_mask, rotary_pos_emb, packed_seq_params)
         return self.final_layernorm(x)
 
 

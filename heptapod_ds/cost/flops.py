@@ -3,14 +3,16 @@
 Multiply-adds of every matmul count 2 FLOPs; attention scores and values are counted over the full
 (unmasked) sequence the kernels compute; training = 3 x forward (backward costs two forwards; a
 recomputed region adds one more forward of that region: :func:`recompute_flops_per_image`). Norms,
-activations and softmax are left out (a few percent). The head runs T sequences of N + 1 slots per
-image; the output (diffusion MLP x batch_mul, or the classifier) runs on the expected number of
-supervised targets per image. Checked against ``torch.utils.flop_counter.FlopCounterMode`` on real
+activations and softmax are left out (a few percent). The head runs T sequences per image, of N + 1
+slots (global) or cut to what they read (local, :mod:`.slots`); the output (diffusion MLP x batch_mul,
+or the classifier) runs on the expected number of supervised targets per image. Checked against ``torch.utils.flop_counter.FlopCounterMode`` on real
 forward passes (tests/cost/test_flops.py).
 """
 from __future__ import annotations
 
-from typing import Dict, List, Optional, Tuple
+from typing import Dict, List, Optional, Sequence, Tuple
+
+from .slots import expected_sequences, sampling_lengths
 
 FREQ_DIM = 256  # sinusoidal timestep features of the diffusion MLP
 
@@ -121,7 +123,14 @@ def output_flops_per_target(cfg) -> float:
     return float(diff.batch_mul * _denoiser_flops(tok.channels, cond, diff.width, diff.depth))
 
 
-def chain_flops(cfg, targets: Optional[float] = None) -> List[Tuple[str, float]]:
+def _head_layer_flops(cfg, sequences: Sequence[Tuple[int, float]]) -> float:
+    """Forward FLOPs per image of one head layer over the computed sequences [(length, per image)]."""
+    head = cfg.head
+    return float(sum(_layer_flops(count * length, length, head.width, head.mlp_ratio) for length, count in sequences))
+
+
+def chain_flops(cfg, targets: Optional[float] = None,
+                head_sequences: Optional[Sequence[Tuple[int, float]]] = None) -> List[Tuple[str, float]]:
     """Forward FLOPs per image of every link of the model's chain, in order.
 
     Links: ``embed`` (class/token embeddings; the latent projection for continuous tokens),
@@ -129,17 +138,18 @@ def chain_flops(cfg, targets: Optional[float] = None) -> List[Tuple[str, float]]
     copy per drawn timestep), ``head.j`` (one head layer each), ``output`` (per-token output + loss).
     The pipeline split (:mod:`heptapod_ds.pipeline.split`) balances stages with these numbers, and
     :func:`forward_flops_per_image` sums them, so both use one accounting. ``targets``: supervised
-    targets of the image (default: the expectation).
+    targets of the image (default: the expectation). ``head_sequences``: the head's computed sequences
+    per image as [(slots, count)] (default: the expectation, :func:`.slots.expected_sequences`: the global
+    head T of N + 1 slots, the local head T cut to its length buckets).
     """
     tok, bb, head = cfg.tokenizer, cfg.backbone, cfg.head
     n = tok.num_tokens
     links: List[Tuple[str, float]] = [("embed", 0.0 if tok.is_discrete else 2.0 * tok.channels * bb.width * n)]
     links += [(f"backbone.{i}", float(_layer_flops(n, n, bb.width, bb.mlp_ratio))) for i in range(bb.depth)]
     if head.type != "next":
-        slots = head.timesteps * (n + 1)
+        sequences = expected_sequences(cfg) if head_sequences is None else head_sequences
         links.append(("head_input", float(2 * bb.width * head.width * n)))
-        links += [(f"head.{j}", float(_layer_flops(slots, n + 1, head.width, head.mlp_ratio)))
-                  for j in range(head.depth)]
+        links += [(f"head.{j}", _head_layer_flops(cfg, sequences)) for j in range(head.depth)]
     count = targets_per_image(cfg) if targets is None else targets
     links.append(("output", float(output_flops_per_target(cfg) * count)))
     return links
@@ -172,14 +182,15 @@ def recompute_flops_per_image(cfg) -> float:
     tok, bb, head = cfg.tokenizer, cfg.backbone, cfg.head
     n = tok.num_tokens
     extra = 0.0
-    seqs = {"backbone": (n, n, bb), "head": (head.timesteps * (n + 1), n + 1, head)}
+    seqs = {"backbone": ([(n, 1.0)], bb), "head": (expected_sequences(cfg), head)}
     for part in what["selective"]:
-        tokens, seq, sec = seqs[part]
-        extra += sec.depth * tokens * 4.0 * seq * sec.width
+        sequences, sec = seqs[part]
+        extra += sec.depth * sum(count * length * 4.0 * length * sec.width for length, count in sequences)
     for part, chunks in what["chunks"].items():
-        tokens, seq, sec = seqs[part]
+        sequences, sec = seqs[part]
         layers = sum(e - s for s, e in chunks)
-        extra += layers * _layer_flops(tokens, seq, sec.width, sec.mlp_ratio)
+        extra += layers * sum(_layer_flops(count * length, length, sec.width, sec.mlp_ratio)
+                              for length, count in sequences)
     if what["output"]:
         extra += output_flops_per_target(cfg) * targets_per_image(cfg)
     return extra
@@ -187,7 +198,8 @@ def recompute_flops_per_image(cfg) -> float:
 
 def sample_flops_per_image(cfg, num_steps: Optional[int] = None) -> float:
     """Forward FLOPs to sample one image with the KV cache: N backbone steps (one slot each, attending to
-    the cached prefix), N head passes over N + 1 slots (one timestep each), and per token the output
+    the cached prefix), N head passes (one timestep each, over the slots it reads: all N + 1, the local
+    head its prefix and window), and per token the output
     (diffusion: ``num_steps`` DDPM steps of the MLP, x2 rows with classifier-free guidance is not counted
     here; discrete: one classifier row)."""
     tok, bb, head, diff = cfg.tokenizer, cfg.backbone, cfg.head, cfg.diffusion
@@ -199,8 +211,8 @@ def sample_flops_per_image(cfg, num_steps: Optional[int] = None) -> float:
     if head.type == "next":
         head_f, cond = 0.0, bb.width
     else:
-        head_f = n * (head.depth * _layer_flops(n + 1, n + 1, head.width, head.mlp_ratio)
-                      + 2 * bb.width * head.width * n)
+        head_f = sum(head.depth * _layer_flops(length, length, head.width, head.mlp_ratio) for length in
+                     sampling_lengths(cfg)) + n * 2 * bb.width * head.width * n
         cond = head.width
     if tok.is_discrete:
         out = n * 2.0 * cond * tok.vocab_size

@@ -23,9 +23,10 @@ planner's margin), and the optimizer's step-time temporaries.
 """
 from __future__ import annotations
 
-from typing import Dict, Optional
+from typing import Dict, Optional, Sequence, Tuple
 
 from .flops import param_counts, targets_per_image
+from .slots import expected_sequences
 from .recompute import plan as recompute_plan
 
 
@@ -96,12 +97,14 @@ def _output_bytes(cfg, targets: float, e: int, recompute_output: bool, micro_bat
 
 def activation_bytes(cfg, micro_batch: Optional[int] = None, device: str = "cuda",
                      precision: Optional[str] = None, tp: Optional[int] = None,
-                     layers: Optional[Dict[str, range]] = None, with_output: bool = True) -> Dict[str, float]:
+                     layers: Optional[Dict[str, range]] = None, with_output: bool = True,
+                     head_sequences: Optional[Sequence[Tuple[int, float]]] = None) -> Dict[str, float]:
     """{"backbone", "head", "output", "total"}: bytes one micro-batch saves for backward on one rank.
 
     ``device``: "cuda" (1-byte dropout masks, flash attention) or "cpu" (as the CPU tests measure).
     ``layers``: {"backbone": range, "head": range} held by this pipeline stage (default: all);
-    ``with_output``: whether this stage runs the per-token output.
+    ``with_output``: whether this stage runs the per-token output. ``head_sequences``: the head's computed
+    sequences per image as [(slots, count)] (default: the expectation, :func:`.slots.expected_sequences`).
     """
     b = micro_batch or cfg.train.micro_batch_size
     precision = precision or _precision(cfg, device)
@@ -140,13 +143,17 @@ def activation_bytes(cfg, micro_batch: Optional[int] = None, device: str = "cuda
         if bb.depth - 1 in layers["backbone"]:  # final LayerNorm
             out["backbone"] += t * bb.width * e + 8 * t
     if head.type != "next" and len(layers["head"]):
-        s, bt = n + 1, b * head.timesteps
-        t = s * bt
-        out["head"] = stack("head", head, t, s, bt, head.pos_embed == "rope2d", False, head.type == "local")
+        sequences = expected_sequences(cfg) if head_sequences is None else head_sequences
+        rope, local = head.pos_embed == "rope2d", head.type == "local"
+        t = sum(b * count * length for length, count in sequences)  # computed slots of the micro-batch
+        out["head"] = sum(stack("head", head, b * count * length, length, b * count, rope, False, local)
+                          for length, count in sequences)
         if 0 in layers["head"]:  # the backbone outputs it projects, the visibility mask, the local mask
-            out["head"] += b * n * bb.width * e + b * head.timesteps * s
-            if head.type == "local" and kernel != "flash":
-                out["head"] += bt * s * s  # the boolean window mask (the flash path keeps an additive copy per layer)
+            out["head"] += b * n * bb.width * e + t
+            if local:  # the packed slots' gather indices (input, learned positions)
+                out["head"] += 8 * t * (1 if rope else 2)
+            if local and kernel != "flash":  # the boolean window masks (the flash path keeps an additive copy per layer)
+                out["head"] += sum(b * count * length * length for length, count in sequences)
         if head.depth - 1 in layers["head"]:
             out["head"] += t * head.width * e + 8 * t
     if with_output:

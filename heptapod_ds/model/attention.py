@@ -17,6 +17,7 @@ tracker exactly as ``DotProductAttention`` does, so TP ranks draw the same way.
 """
 from __future__ import annotations
 
+import contextlib
 import math
 from typing import Optional
 
@@ -24,6 +25,8 @@ import torch
 from megatron.core.transformer.enums import AttnMaskType
 from megatron.core.transformer.module import MegatronModule
 from megatron.core.utils import divide
+
+from .slot_packing import PackedSlots
 
 ATTENTIONS = ("auto", "sdpa", "megatron", "te")
 
@@ -56,8 +59,10 @@ class SDPACoreAttention(MegatronModule):
     def forward(self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
                 attention_mask: Optional[torch.Tensor], attn_mask_type: Optional[AttnMaskType] = None,
                 attention_bias=None, packed_seq_params=None) -> torch.Tensor:
+        if isinstance(packed_seq_params, PackedSlots) and attention_bias is None:
+            return self._grouped(query, key, value, packed_seq_params)
         if packed_seq_params is not None or attention_bias is not None:
-            raise ValueError("backbone.attention=sdpa supports neither packed sequences nor attention bias.")
+            raise ValueError("backbone.attention=sdpa supports neither megatron's packed sequences nor attention bias.")
         sq, b = query.shape[0], query.shape[1]
         sk = key.shape[0]
         q, k, v = (x.permute(1, 2, 0, 3) for x in (query, key, value))   # [b, heads, s, head_dim]
@@ -78,6 +83,23 @@ class SDPACoreAttention(MegatronModule):
             out = _sdpa(q, k, v, mask, 0.0, causal, self.softmax_scale)
         # [b, heads, sq, head_dim] -> [sq, b, heads * head_dim]
         return out.permute(2, 0, 1, 3).reshape(sq, b, self.hidden_size_per_partition)
+
+    def _grouped(self, query, key, value, packed: PackedSlots) -> torch.Tensor:
+        """The local head's packed slots ``[P, 1, heads, d]``: each length group is a contiguous ``[L, n]`` block
+        (a view), attended with its window mask; the outputs are joined back into ``[P, 1, hidden]``."""
+        dropout = self.dropout_p if self.training else 0.0
+        fork = contextlib.nullcontext()
+        if dropout > 0:
+            from megatron.core import tensor_parallel
+            fork = tensor_parallel.get_cuda_rng_tracker().fork()
+        outs = []
+        with fork:
+            for (offset, length, size, _), mask in zip(packed.groups(), packed.allowed_masks()):
+                q, k, v = (x[offset:offset + length * size].reshape(length, size, *x.shape[2:]).permute(1, 2, 0, 3)
+                           for x in (query, key, value))                   # [n, heads, L, d]
+                out = _sdpa(q, k, v, mask, dropout, False, self.softmax_scale)
+                outs.append(out.permute(2, 0, 1, 3).reshape(length * size, self.hidden_size_per_partition))
+        return torch.cat(outs)[:, None]
 
 
 def _sdpa(q, k, v, mask, dropout, causal, scale):

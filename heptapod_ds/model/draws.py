@@ -20,6 +20,7 @@ from typing import List, Optional, Sequence, Tuple
 
 import torch
 
+from .slot_packing import PackedSlots, pack_slots
 from .supervision import SupervisionPlan, draw_plan, next_token_plan
 
 _PLAN_FIELDS = ("timesteps", "rows", "slots", "sample", "counts")
@@ -49,6 +50,7 @@ class Draws:
     diffusion: Optional[DiffusionNoise]  # continuous tokens with seeds; None: drawn when the loss runs
     generators: Optional[list]           # the generators (None entries: global RNG) for lazy draws
     training: bool                       # drawn for a model in training mode (label dropout on)
+    packed: Optional[PackedSlots] = None  # the local head's cut, packed sequences (:mod:`.slot_packing`)
 
     @property
     def batch(self) -> int:
@@ -60,14 +62,16 @@ class Draws:
         return dataclasses.replace(
             self, plan=plan,
             drop=None if self.drop is None else self.drop.to(device, non_blocking=non_blocking),
-            diffusion=None if self.diffusion is None else self.diffusion.to(device, non_blocking))
+            diffusion=None if self.diffusion is None else self.diffusion.to(device, non_blocking),
+            packed=None if self.packed is None else self.packed.to(device, non_blocking))
 
     def pin_memory(self) -> "Draws":
         """Page-locked host copies, so that ``to(cuda, non_blocking=True)`` does not wait (GPU only)."""
         plan = SupervisionPlan(*(getattr(self.plan, f).pin_memory() for f in _PLAN_FIELDS))
         return dataclasses.replace(
             self, plan=plan, drop=None if self.drop is None else self.drop.pin_memory(),
-            diffusion=None if self.diffusion is None else self.diffusion.pin_memory())
+            diffusion=None if self.diffusion is None else self.diffusion.pin_memory(),
+            packed=None if self.packed is None else self.packed.pin_memory())
 
     def labels(self, labels: torch.Tensor, no_class: int) -> torch.Tensor:
         """``labels`` after class dropout (on the labels' device)."""
@@ -110,17 +114,21 @@ def draw_batch(cfg, batch: int, sample_seeds: Optional[torch.Tensor], training: 
         drop = torch.cat([torch.rand(1, generator=g) for g in gens]) < p
     head = cfg.head
     n = cfg.tokenizer.num_tokens
+    packed = None
     if head.type == "next":
         plan = next_token_plan(batch, n)
     else:
         window = head.window if head.type == "local" else None
         plan = draw_plan(gens, n, head.timesteps, head.supervised, window)
+        if window is not None:
+            packed = pack_slots(plan.timesteps, plan.rows, plan.slots, n, window, head.length_buckets)
     counts = tuple(int(c) for c in plan.counts.tolist())  # host tensor: no device read
     diffusion = None
     if not cfg.tokenizer.is_discrete and sample_seeds is not None:
         d = cfg.diffusion
         diffusion = draw_diffusion(gens, counts, d.batch_mul, cfg.tokenizer.channels, d.train_steps)
-    return Draws(plan=plan, counts=counts, drop=drop, diffusion=diffusion, generators=gens, training=training)
+    return Draws(plan=plan, counts=counts, drop=drop, diffusion=diffusion, generators=gens, training=training,
+                 packed=packed)
 
 
 def draw_diffusion(generators: Sequence[Optional[torch.Generator]], counts: Sequence[int], batch_mul: int,

@@ -74,9 +74,9 @@ class HeptapodModel(nn.Module):
         o = self.backbone(draws.labels(labels, self.num_classes), tokens[:, :self.num_tokens - 1])  # [B, N, Wb]
         if self.head is None:
             return self.loss_from_features(o.transpose(0, 1), tokens, draws)
-        out = self.head(o, draws.plan.timesteps, bounded=True)  # a drawn plan: t < N   [B, T, N+1, Wh]
-        return self.loss_from_features(out.reshape(-1, out.shape[-2], out.shape[-1]).transpose(0, 1),
-                                       tokens, draws)
+        # a drawn plan: t < N; features [N+1, B*T, Wh], or packed [P, 1, Wh] (the local head)
+        features = self.head(o, draws.plan.timesteps, draws.packed, bounded=True)
+        return self.loss_from_features(features, tokens, draws)
 
     def draw_randomness(self, tokens: torch.Tensor, labels: torch.Tensor,
                         sample_seeds: Optional[torch.Tensor]) -> Draws:
@@ -88,11 +88,14 @@ class HeptapodModel(nn.Module):
 
     def loss_from_features(self, features: torch.Tensor, tokens: torch.Tensor,
                            draws: Draws) -> Tuple[torch.Tensor, "Stats"]:
-        """The loss from the last features in megatron layout: the backbone's ``[N, B, Wb]`` (next head)
-        or the head's ``[N + 1, B * T, Wh]``. Mean over images of each image's mean target loss."""
+        """The loss from the last features in megatron layout: the backbone's ``[N, B, Wb]`` (next head),
+        the head's ``[N + 1, B * T, Wh]`` or its packed ``[P, 1, Wh]`` (the local head, ``draws.packed``).
+        Mean over images of each image's mean target loss."""
         plan, batch = draws.plan, tokens.shape[0]
         if self.head is None:
             z = features.transpose(0, 1).reshape(batch * self.num_tokens, -1)
+        elif draws.packed is not None:
+            z = features.reshape(-1, features.shape[-1])[draws.packed.select]
         else:
             z = features.transpose(0, 1)[plan.rows, plan.slots]
         target = tokens[plan.sample, plan.slots - 1]
@@ -182,9 +185,9 @@ class HeptapodModel(nn.Module):
                         o = self.backbone(labels, tokens[:, :t])
                     if self.head is None:
                         z = o[:, t]
-                    else:
+                    else:  # z_{t,t+1}, the head's sequence cut to the slots it reads at t
                         steps = torch.full((batch, 1), t, dtype=torch.long, device=device)
-                        z = self.head(o, steps)[:, 0, t + 1]
+                        z = self.head(o, steps, num_slots=self.head.sampling_length(t))[t + 1]
                     tokens[:, t] = self.sample_token(z, gens, temperature, top_k, num_steps).to(tokens.dtype)
         finally:
             self.train(was_training)

@@ -96,7 +96,7 @@ def run_precision(cfg) -> str:
     return precision
 
 
-def _as_impl(impl) -> LayerImpl:
+def as_impl(impl) -> LayerImpl:
     """Accept a resolved :class:`LayerImpl` or a bare spec name (attention: megatron's own for that spec)."""
     if isinstance(impl, LayerImpl):
         return impl
@@ -139,7 +139,7 @@ def layer_spec(impl, mask_type: AttnMaskType):
     """
     from megatron.core.models.gpt import gpt_layer_specs
 
-    impl = _as_impl(impl)
+    impl = as_impl(impl)
     if impl.transformer == "transformer_engine":
         spec = gpt_layer_specs.get_gpt_layer_with_transformer_engine_spec()
     elif impl.transformer == "local":

@@ -86,22 +86,21 @@ def pipelined_generate(stage, labels: torch.Tensor, seeds: torch.Tensor, tempera
                 cache.sequence_len_offset += 1
                 if model.backbone.decoder.final_layernorm is not None:
                     h = model.backbone.decoder.final_layernorm(h)
-            # --- head: the N + 1 slots of timestep t
+            # --- head: the slots it reads at timestep t (all N + 1; the local head: prefix and window)
             steps = torch.full((batch, 1), t, dtype=torch.long, device=device)
+            length = model.head.sampling_length(t) if model.head is not None else 1
             if "head_input" in links:
                 prefix.append(h.transpose(0, 1))                                  # o_t: [B, 1, Wb]
-                h = model.head.embed(torch.cat(prefix, dim=1), steps)             # [S, B, Wh]
+                h = model.head.embed(torch.cat(prefix, dim=1), steps, num_slots=length)   # [S, B, Wh]
             elif head_layers:
-                h = _recv((n + 1, batch, cfg.head.width), dtype, device, prev_rank)
+                h = _recv((length, batch, cfg.head.width), dtype, device, prev_rank)
             elif "output" in links and not bb_layers and "embed" not in links:
                 width = cfg.head.width if model.head is not None else cfg.backbone.width
-                slots = n + 1 if model.head is not None else 1
-                h = _recv((slots, batch, width), dtype, device, prev_rank)
+                h = _recv((length, batch, width), dtype, device, prev_rank)
             if head_layers:
-                mask = model.head.attention_mask(steps)
+                kwargs = model.head.layer_kwargs(steps, num_slots=length)
                 for j in head_layers:
-                    h, _ = model.head.decoder.layers[str(j)](hidden_states=h, attention_mask=mask,
-                                                             rotary_pos_emb=model.head.rotary())
+                    h, _ = model.head.decoder.layers[str(j)](hidden_states=h, **kwargs)
                 if model.head.decoder.final_layernorm is not None:
                     h = model.head.decoder.final_layernorm(h)
             # --- the last stage draws x_{t+1}; every stage learns it

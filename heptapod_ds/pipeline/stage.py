@@ -181,13 +181,12 @@ class PipelineStage(nn.Module):
             if model.backbone.decoder.final_layernorm is not None:
                 h = model.backbone.decoder.final_layernorm(h)
         if "head_input" in links:
-            h = model.head.embed(h.transpose(0, 1), draws.plan.timesteps)
+            h = model.head.embed(h.transpose(0, 1), draws.plan.timesteps, draws.packed)
         head_layers = self.stage.layer_indices("head")
         if head_layers:
-            mask = model.head.attention_mask(draws.plan.timesteps)
+            kwargs = model.head.layer_kwargs(draws.plan.timesteps, draws.packed)
             for j in head_layers:
-                h, _ = model.head.decoder.layers[str(j)](hidden_states=h, attention_mask=mask,
-                                                         rotary_pos_emb=model.head.rotary())
+                h, _ = model.head.decoder.layers[str(j)](hidden_states=h, **kwargs)
             if model.head.decoder.final_layernorm is not None:
                 h = model.head.decoder.final_layernorm(h)
         if "output" in links:

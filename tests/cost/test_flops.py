@@ -34,6 +34,16 @@ def _batch(cfg, batch):
     return tokens, torch.arange(batch) % cfg.backbone.num_classes, torch.arange(batch) + 11
 
 
+def _cpu_sdpa_flops(query_shape, key_shape, value_shape, *args, out_shape=None, **kwargs):
+    from torch.utils.flop_counter import sdpa_flop_count
+
+    return sdpa_flop_count(query_shape, key_shape, value_shape)
+
+
+# torch's counter knows the GPU attention kernels, not the CPU flash kernel that SDPA takes here (the local
+# head's attention is SDPA whatever backbone.attention says): count it as the others are
+CPU_SDPA = {torch.ops.aten._scaled_dot_product_flash_attention_for_cpu: _cpu_sdpa_flops}
+
 CASES = [("tiny", "local", ()), ("tiny", "next", ()), ("small", "global", ()),
          ("small", "global", ("tokenizer.name=patch", "tokenizer.channels=1")),
          ("B", "global", ()), ("B", "next", ()), ("H", "local", ()),
@@ -53,11 +63,14 @@ def test_forward_flops_match_flop_counter(single_rank, name, head, extra):
     tokens, labels, seeds = _batch(cfg, batch)
     draws = model.draw_randomness(tokens, labels, seeds)
     targets = float(draws.plan.counts.sum()) / batch
-    counter = FlopCounterMode(display=False)
+    counter = FlopCounterMode(display=False, custom_mapping=CPU_SDPA)
     with counter, torch.no_grad():
         model(tokens, labels, draws=draws)
     measured = counter.get_total_flops() / batch
-    predicted = sum(f for _, f in chain_flops(cfg, targets=targets))
+    sequences = None  # the global head: T of N + 1 slots; the local head: this draw's cut lengths
+    if draws.packed is not None:
+        sequences = [(length, size / batch) for length, size in zip(draws.packed.lengths, draws.packed.sizes)]
+    predicted = sum(f for _, f in chain_flops(cfg, targets=targets, head_sequences=sequences))
     # what the accounting leaves out on purpose: norms, activations, softmax (not matmuls, so the counter
     # does not count them either); the counter sees the backbone embed N-1 tokens, the model counts N
     assert abs(predicted - measured) / measured < 0.01, (predicted, measured)

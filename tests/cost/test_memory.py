@@ -60,14 +60,17 @@ def measure(cfg, batch):
     with count_saved(model) as out:
         loss, _ = model(tokens, labels, draws=draws)
     del loss
-    return out, float(draws.plan.counts.sum()) / batch
+    sequences = None  # the local head: this draw's cut lengths (the global head's are fixed)
+    if draws.packed is not None:
+        sequences = [(length, size / batch) for length, size in zip(draws.packed.lengths, draws.packed.sizes)]
+    return out, float(draws.plan.counts.sum()) / batch, sequences
 
 
-def predict(cfg, batch, targets, monkeypatch):
+def predict(cfg, batch, targets, sequences, monkeypatch):
     from heptapod_ds.cost import memory
 
     monkeypatch.setattr(memory, "targets_per_image", lambda _cfg: targets)  # this batch's drawn plan
-    return memory.activation_bytes(cfg, batch, device="cpu")
+    return memory.activation_bytes(cfg, batch, device="cpu", head_sequences=sequences)
 
 
 ROWS = []
@@ -78,9 +81,9 @@ def test_activation_bytes_match_measurement(single_rank, monkeypatch, shape, bat
     cfg = load_config(overrides=SHAPES[shape] + [f"head.type={head}", f"train.micro_batch_size={batch}",
                                                   f"train.global_batch_size={batch}"] + RECOMPUTE[recompute]
                       + extra, world_size=1)
-    measured, targets = measure(cfg, batch)
+    measured, targets, sequences = measure(cfg, batch)
     measured["output"] += measured.pop("other")  # the loss glue is counted with the output
-    predicted = predict(cfg, batch, targets, monkeypatch)
+    predicted = predict(cfg, batch, targets, sequences, monkeypatch)
     ROWS.append((shape, head, recompute, extra, measured["total"], predicted["total"]))
     for part in ("backbone", "head", "output", "total"):
         if measured[part] == 0:

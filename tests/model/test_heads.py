@@ -15,7 +15,7 @@ def _conditions(model, tokens, labels, t):
     if model.head is None:
         return o[:, t:t + 1]
     steps = torch.full((tokens.shape[0], 1), t, dtype=torch.long)
-    return model.head(o, steps)[:, 0, t + 1:]
+    return model.head.by_slot(model.head(o, steps), tokens.shape[0])[:, 0, t + 1:]
 
 
 @pytest.mark.parametrize("kind", TOKEN_KINDS)
