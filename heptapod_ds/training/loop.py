@@ -11,7 +11,7 @@ import json
 import math
 import os
 import time
-from typing import TYPE_CHECKING, Dict, NamedTuple, Optional
+from typing import TYPE_CHECKING, Dict, List, NamedTuple, Optional
 
 import torch
 
@@ -86,6 +86,7 @@ class Trainer:
 
         self.step = 0
         self.last_loss: Optional[float] = None
+        self._eval_pending: List[str] = []  # this step's periodic evaluations not done yet (see _periodic_evaluations)
         position = {"epoch": 0, "micro_step": 0}
         self.wall_s = {"train": 0.0, "eval": 0.0}  # summed over resumed attempts; training excludes evaluation
         state = self.ckpt.load(self.engine, ema=self.ema)
@@ -95,6 +96,9 @@ class Trainer:
             self.nonfinite.load_state_dict(state["nonfinite"])
             self.wall_s.update(state.get("wall_s", {}))
             self.last_loss = state.get("last_loss")
+            pending = state.get("eval_pending")
+            if pending and int(pending["step"]) == self.step:
+                self._eval_pending = list(pending["which"])
             log.info("resumed at step %d (epoch %d, micro-step %d)", self.step, position["epoch"],
                      position["micro_step"])
         self.stream = BatchStream(cfg, self.info.dp_rank, self.info.dp_size, **position)
@@ -155,7 +159,40 @@ class Trainer:
 
     def _client_state(self) -> Dict:
         return {"step": self.step, "data": self.stream.position(), "nonfinite": self.nonfinite.state_dict(),
-                "wall_s": self._wall(), "last_loss": self.last_loss}
+                "wall_s": self._wall(), "last_loss": self.last_loss,
+                "eval_pending": {"step": self.step, "which": list(self._eval_pending)} if self._eval_pending else None}
+
+    def _evaluations_due(self) -> List[str]:
+        cfg = self.cfg
+        due = []
+        if cfg.eval.every and self.step % cfg.eval.every == 0 and self.step < cfg.train.steps:
+            due.append("samples")  # the last step is scored by the final evaluation
+        if cfg.eval.fid_every and self.step % cfg.eval.fid_every == 0:
+            due.append("fid")
+        return due
+
+    def _periodic_evaluations(self, due: List[str]) -> None:
+        """This step's periodic evaluations, in order. One that a preemption signal cuts short stays pending, with
+        those after it, in the checkpoint the stop saves (client state ``eval_pending``); the resumed run does them
+        before its next step, so a preempted run logs every evaluation an uninterrupted one does, once."""
+        from heptapod_ds.engine.guards import Preempted
+
+        self._eval_pending = list(due)
+        try:
+            while self._eval_pending:
+                if self._eval_pending[0] == "samples":
+                    with self.meter.paused():
+                        self.evaluate(final=False)
+                else:
+                    from .evaluate import fid_during_training
+
+                    t_fid = time.time()
+                    with self.meter.paused():
+                        fid_during_training(self)
+                    self._eval_segment += time.time() - t_fid  # evaluation, not training, time
+                self._eval_pending.pop(0)
+        except Preempted:
+            pass  # the caller's check sees the same signal: save (these still pending) and exit for the requeue
 
     def progress(self) -> Dict[str, float]:
         """How far training has got, in the units curves are drawn against (identical after a resume)."""
@@ -174,14 +211,20 @@ class Trainer:
 
         from heptapod_ds.engine import train_step
         from heptapod_ds.engine.faults import fault_point
-        from heptapod_ds.engine.guards import Preempted
 
         cfg = self.cfg
         bar = tqdm(total=cfg.train.steps, initial=self.step, desc="train", dynamic_ncols=True,
                    disable=not (parallel_state.is_rank0() and cfg.logging.progress_bar))
         self._wall0, self._t_segment, self._eval_segment = dict(self.wall_s), time.time(), 0.0
         exit_code = 0
-        while self.step < cfg.train.steps:
+        if self._eval_pending:  # the resumed step's evaluations that a preemption cut short: first, as scheduled
+            log.info("step %d: the evaluation(s) %s cut short by the preemption, done now", self.step,
+                     ", ".join(self._eval_pending))
+            self._periodic_evaluations(list(self._eval_pending))
+            if self._eval_pending and self.preempt.should_stop():   # cut short again: save, requeue
+                self._save(reason="preempted")
+                exit_code = self.preempt.exit_code
+        while self.step < cfg.train.steps and exit_code == 0:
             batches = self._micro_batches()
             result = train_step(self.engine, batches, self._loss, self.nonfinite, ema=self.ema,
                                 pipeline=self.pipeline)
@@ -199,19 +242,7 @@ class Trainer:
                 bar.set_postfix(loss=f"{result.loss:.4f}")
                 if self.step % cfg.logging.log_every == 0 or self.step == cfg.train.steps:
                     self._log(result)
-                try:
-                    if cfg.eval.every and self.step % cfg.eval.every == 0 and self.step < cfg.train.steps:
-                        with self.meter.paused():
-                            self.evaluate(final=False)  # the last step is scored by the final evaluation
-                    if cfg.eval.fid_every and self.step % cfg.eval.fid_every == 0:
-                        from .evaluate import fid_during_training
-
-                        t_fid = time.time()
-                        with self.meter.paused():
-                            fid_during_training(self)
-                        self._eval_segment += time.time() - t_fid  # evaluation, not training, time
-                except Preempted:
-                    pass  # the check below sees the same signal: save and exit for the requeue
+                self._periodic_evaluations(self._evaluations_due())
                 fault_point("train.step", self.step)
             if self.preempt.should_stop():  # host values over a host (gloo) group: no wait for the GPU
                 log.warning("%s received: saving at step %d, exiting with status %d (requeue)",
