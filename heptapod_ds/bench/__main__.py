@@ -1,7 +1,8 @@
 """python -m heptapod_ds.bench [--quick] [--json OUT] [--only NAME[,NAME]] [--device cpu|cuda]
 
 Runs every benchmark row in one process (the memory row spawns two gloo ranks), prints one table and
-optionally writes the rows as JSON. Rows: train, sampling, memory, loader, gpu. ``--quick`` shrinks
+optionally writes the rows as JSON. Rows: train, head (the local head cut vs uncut), sampling, memory,
+loader, gpu. ``--quick`` shrinks
 repeats and sizes for CI (sized for under 3 minutes on 2 idle cores); the full run is sized for under 10.
 """
 from __future__ import annotations
@@ -17,7 +18,7 @@ import time
 import warnings
 from typing import Dict, List
 
-ROWS = ("train", "sampling", "memory", "loader", "gpu")
+ROWS = ("train", "head", "sampling", "memory", "loader", "gpu")
 log = logging.getLogger("heptapod_ds.bench")
 
 
@@ -61,6 +62,19 @@ def describe(row: Dict) -> str:
     if name == "mfu/matmul_peak":
         return (f"fp32 matmul {row['matmul_size']}^3: {row['peak_flops_per_s'] / 1e9:,.1f} GFLOP/s "
                 f"({row['threads']} threads); model {row['train_flops_per_image'] / 1e6:,.1f} MFLOP/img")
+    if name == "head/tiny/local_train":
+        c, u, r = row["cut_s"], row["uncut_s"], row["uncut_over_cut"]
+        f, slots = row["train_flops_per_image"], row["computed_slots_per_image"]
+        return (f"fwd+bwd mb {row['micro_batch']}: cut ({row['length_buckets']} buckets) {c['median'] * 1e3:,.0f} ms "
+                f"[{c['min'] * 1e3:,.0f}-{c['max'] * 1e3:,.0f}], uncut {u['median'] * 1e3:,.0f} ms  uncut/cut "
+                f"x{r['median']:.3f} [{r['min']:.3f}-{r['max']:.3f}]  slots/img {slots['cut']:.0f} vs {slots['uncut']:.0f}"
+                f", train FLOPs/img {f['cut'] / 1e6:,.0f}M vs {f['uncut'] / 1e6:,.0f}M")
+    if name == "head/tiny/local_sampling":
+        r, f = row["uncut_over_cut"], row["head_flops_per_image"]
+        return (f"batch {row['batch']}: cut {_fmt_rate(row['cut_images_per_s'])} img/s, uncut "
+                f"{_fmt_rate(row['uncut_images_per_s'])} img/s  uncut/cut x{r['median']:.3f} [{r['min']:.3f}-"
+                f"{r['max']:.3f}]  head FLOPs/img {f['cut'] / 1e9:.2f}G vs {f['uncut'] / 1e9:.2f}G, "
+                f"tokens {'identical' if row['same_tokens'] else 'DIFFERENT'}")
     if name.startswith("sampling/"):
         text = f"{_fmt_rate(row['images_per_s'])} img/s (batch {row['batch']})"
         if "speedup_over_no_cache" in row:
@@ -100,7 +114,7 @@ def describe(row: Dict) -> str:
 
 
 def run_rows(names: List[str], quick: bool, device: str) -> List[Dict]:
-    from . import gpu, loader, memory, sampling, train
+    from . import gpu, loader, local_head, memory, sampling, train
 
     rows: List[Dict] = []
     cores = os.cpu_count() or 1
@@ -111,6 +125,9 @@ def run_rows(names: List[str], quick: bool, device: str) -> List[Dict]:
             _single_rank("cpu")
             rows += train.run("small", micro_batch=16 if quick else 32, repeats=3 if quick else 7,
                               peak_size=512 if quick else 1024)
+        elif name == "head":
+            _single_rank("cpu")
+            rows += local_head.run(micro_batch=32, sample_batch=8 if quick else 32, repeats=3 if quick else 7)
         elif name == "sampling":
             _single_rank("cpu")
             batch = 8 if quick else 32

@@ -76,7 +76,7 @@ class HeadConfig:
     timesteps: int = F(4, "T: timesteps per image at which the head is run in training.")
     supervised: int = F(8, "K: supervised positions per timestep among the remaining ones (0 = all).")
     window: int = F(16, "W: window of the local head, in positions after t.")
-    length_buckets: int = F(4, "Local head in training: its (image, timestep) sequences are cut to the slots they "
+    length_buckets: int = F(8, "Local head in training: its (image, timestep) sequences are cut to the slots they "
                             "read (prefix 0..t and window t+1..t+W) and grouped into this many length buckets "
                             "(quantiles of t), each padded to its longest; 1 = every sequence at the full N + 1 slots "
                             "(the computation of the uncut head). More buckets waste fewer slots, each costs one more "

@@ -123,7 +123,7 @@ def output_flops_per_target(cfg) -> float:
     return float(diff.batch_mul * _denoiser_flops(tok.channels, cond, diff.width, diff.depth))
 
 
-def _head_layer_flops(cfg, sequences: Sequence[Tuple[int, float]]) -> float:
+def head_layer_flops(cfg, sequences: Sequence[Tuple[int, float]]) -> float:
     """Forward FLOPs per image of one head layer over the computed sequences [(length, per image)]."""
     head = cfg.head
     return float(sum(_layer_flops(count * length, length, head.width, head.mlp_ratio) for length, count in sequences))
@@ -149,7 +149,7 @@ def chain_flops(cfg, targets: Optional[float] = None,
     if head.type != "next":
         sequences = expected_sequences(cfg) if head_sequences is None else head_sequences
         links.append(("head_input", float(2 * bb.width * head.width * n)))
-        links += [(f"head.{j}", _head_layer_flops(cfg, sequences)) for j in range(head.depth)]
+        links += [(f"head.{j}", head_layer_flops(cfg, sequences)) for j in range(head.depth)]
     count = targets_per_image(cfg) if targets is None else targets
     links.append(("output", float(output_flops_per_target(cfg) * count)))
     return links

@@ -24,12 +24,18 @@ def test_quick_bench_prints_every_row(tmp_path, repo_root):
     names = [r["row"] for r in data["rows"]]
     for prefix in ("train/small/reference", "train/small/zero0", "train/small/zero3", "mfu/matmul_peak",
                    "sampling/tiny/kv_cache", "sampling/tiny-patch/no_cache", "memory/tiny/zero0", "memory/tiny/zero3",
-                   "loader/kl16/workers1", "loader/vq16/workers1", "gpu/cpu"):
+                   "loader/kl16/workers1", "loader/vq16/workers1", "gpu/cpu", "head/tiny/local_train",
+                   "head/tiny/local_sampling"):
         assert prefix in names, f"row {prefix} missing from {names}"
         assert prefix in proc.stdout
     rows = {r["row"]: r for r in data["rows"]}
     z0 = rows["train/small/zero0"]
     assert abs(z0["first_loss"] - rows["train/small/reference"]["first_loss"]) <= 1e-5 * abs(z0["first_loss"])
+    # the local head's cut computes fewer slots and samples the uncut head's tokens
+    head_train, head_sampling = rows["head/tiny/local_train"], rows["head/tiny/local_sampling"]
+    assert head_train["computed_slots_per_image"]["cut"] < head_train["computed_slots_per_image"]["uncut"]
+    assert head_sampling["same_tokens"] and head_sampling["head_flops_per_image"]["cut"] < \
+        head_sampling["head_flops_per_image"]["uncut"]
     mem = {s: rows[f"memory/tiny/zero{s}"] for s in range(4)}
     # (ranks may differ by DeepSpeed's partition padding, so rank 0's bytes are compared)
     # ZeRO-3 partitions parameters, gradients and optimizer state over the 2 ranks
