@@ -346,6 +346,7 @@ def validate(cfg: HeptapodConfig, world_size: Optional[int] = None) -> HeptapodC
         err(f"train.grad_accum={tr.grad_accum} must be >= 0 (0 = derived from the global batch).")
     _validate_eval(cfg, err)
     _validate_recompute(cfg, err)
+    _validate_compile(cfg, err)
     if not errors:
         _validate_memory(cfg, err)
     if errors:
@@ -390,6 +391,18 @@ def _validate_recompute(cfg: HeptapodConfig, err) -> None:
 
     for problem in recompute_problems(cfg):
         err(problem)
+
+
+def _validate_compile(cfg: HeptapodConfig, err) -> None:
+    """train.compile: the combinations measured not to work with per-layer torch.compile (torch 2.13, CPU)."""
+    if not cfg.train.compile:
+        return
+    if cfg.parallel.zero_stage == 3:
+        err("train.compile=true with parallel.zero_stage=3: ZeRO-3 gathers each submodule's parameters in a forward "
+            "pre-hook that DeepSpeed marks torch.compiler.disable, so the layer cannot be compiled as one graph "
+            "(measured: torch._dynamo Unsupported 'Skip calling torch.compiler.disable()d function "
+            "_pre_forward_module_hook'). Use parallel.zero_stage=0, 1 or 2 with train.compile, or train.compile=false "
+            "with ZeRO-3.")
 
 
 def _validate_eval(cfg: HeptapodConfig, err) -> None:

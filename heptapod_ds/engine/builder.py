@@ -86,6 +86,10 @@ def build_engine(cfg, model_builder: Callable[[], nn.Module], ds_config=None) ->
         raise TypeError(f"model_builder returned {type(model).__name__}, expected an nn.Module.")
     if stage != 3:
         model.to(info.device)
+    if getattr(cfg.train, "compile", False):
+        # per Transformer layer, in place (names unchanged), after TP and recompute, before DeepSpeed wraps it
+        from heptapod_ds.model.compile import apply_compile
+        apply_compile(model, cfg)
 
     optimizer = build_optimizer(model, cfg, offload=ds_config_mod.is_offload(ds))
     scheduler = build_scheduler(optimizer, cfg)

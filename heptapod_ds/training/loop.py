@@ -217,6 +217,8 @@ class Trainer:
                    disable=not (parallel_state.is_rank0() and cfg.logging.progress_bar))
         self._wall0, self._t_segment, self._eval_segment = dict(self.wall_s), time.time(), 0.0
         exit_code = 0
+        first_compiled = bool(cfg.train.compile)  # this process's first step compiles the layers (train.compile)
+        self.compile_s: Optional[float] = None
         if self._eval_pending:  # the resumed step's evaluations that a preemption cut short: first, as scheduled
             log.info("step %d: the evaluation(s) %s cut short by the preemption, done now", self.step,
                      ", ".join(self._eval_pending))
@@ -226,8 +228,11 @@ class Trainer:
                 exit_code = self.preempt.exit_code
         while self.step < cfg.train.steps and exit_code == 0:
             batches = self._micro_batches()
-            result = train_step(self.engine, batches, self._loss, self.nonfinite, ema=self.ema,
-                                pipeline=self.pipeline)
+            if first_compiled:
+                result = self._first_compiled_step(train_step, batches)
+            else:
+                result = train_step(self.engine, batches, self._loss, self.nonfinite, ema=self.ema,
+                                    pipeline=self.pipeline)
             if result.skipped:
                 log.warning("step %d: non-finite loss, step skipped (%d in a row, %d in total)", self.step + 1,
                             self.nonfinite.in_a_row, self.nonfinite.total_skipped)
@@ -237,13 +242,15 @@ class Trainer:
             else:
                 self.step += 1
                 self.last_loss = result.loss
-                self.meter.add(sum(mb[1].shape[0] for mb in batches) * self.info.dp_size)
+                if not first_compiled:  # the compiling step's images are not throughput
+                    self.meter.add(sum(mb[1].shape[0] for mb in batches) * self.info.dp_size)
                 bar.update(1)
                 bar.set_postfix(loss=f"{result.loss:.4f}")
                 if self.step % cfg.logging.log_every == 0 or self.step == cfg.train.steps:
                     self._log(result)
                 self._periodic_evaluations(self._evaluations_due())
                 fault_point("train.step", self.step)
+            first_compiled = False
             if self.preempt.should_stop():  # host values over a host (gloo) group: no wait for the GPU
                 log.warning("%s received: saving at step %d, exiting with status %d (requeue)",
                             self.preempt.signal_name or "preemption signal", self.step, self.preempt.exit_code)
@@ -258,6 +265,19 @@ class Trainer:
         self.preempt.close()
         self.metrics.close()
         return exit_code
+
+    def _first_compiled_step(self, train_step, batches):
+        """The first step with ``train.compile``: Dynamo and Inductor compile the layers inside it, so its wall
+        time (compile + that one step) is logged apart as ``compile_s`` and left out of the throughput."""
+        t0 = time.perf_counter()
+        with self.meter.paused():
+            result = train_step(self.engine, batches, self._loss, self.nonfinite, ema=self.ema,
+                                pipeline=self.pipeline)
+        self.compile_s = time.perf_counter() - t0
+        self._compile_logged, self._compile_step = False, self.step + 1
+        log.info("step %d: %.1f s with train.compile (torch.compile of the layers + this step), logged as compile_s "
+                 "and left out of the throughput", self.step + 1, self.compile_s)
+        return result
 
     def _finish(self) -> int:
         """After the last step: the final checkpoint, then the final sampling and summary.
@@ -277,6 +297,8 @@ class Trainer:
                         "run only samples and scores", e, self.step, self.preempt.exit_code)
             return self.preempt.exit_code
         wall = self._wall()
+        if getattr(self, "compile_s", None) is not None:
+            summary["compile_s"] = self.compile_s
         summary.update(steps=self.step, final_loss=self.last_loss, train_wall_s=wall["train"],
                        eval_wall_s=wall["eval"], train_flops_per_image=self.flops_per_image, **self.progress(),
                        nonfinite_skipped=self.nonfinite.total_skipped)
@@ -290,14 +312,21 @@ class Trainer:
         grad_norm = grad_norm if grad_norm is not None and math.isfinite(grad_norm) else None
         rec = {"loss": result.loss, "lr": result.lr, "grad_norm": grad_norm,
                "nonfinite_skipped": self.nonfinite.total_skipped}
-        rec.update(self.meter.report())
+        rates = self.meter.report()
+        if getattr(self, "compile_s", None) is not None and not getattr(self, "_compile_logged", True):
+            rec["compile_s"] = self.compile_s  # the first logged step after the compiling one carries its time
+            self._compile_logged = True
+            if self.step == self._compile_step:  # the window holds the compiling step alone: no throughput in it
+                rates = {k: None for k in rates}
+        rec.update(rates)
         rec.update(memory_gib())
         if self.device.type == "cuda" and not getattr(self, "_memory_compared", False):
             self._memory_compared = True
             self._compare_memory(rec)
         self.metrics.log(self.step, rec)
-        log.info("step %d | loss %.4f | lr %.3g | gnorm %s | %.1f img/s", self.step, result.loss, rec["lr"],
-                 f"{rec['grad_norm']:.3f}" if rec["grad_norm"] is not None else "n/a", rec["images_per_s"])
+        log.info("step %d | loss %.4f | lr %.3g | gnorm %s | %s img/s", self.step, result.loss, rec["lr"],
+                 f"{rec['grad_norm']:.3f}" if rec["grad_norm"] is not None else "n/a",
+                 f"{rec['images_per_s']:.1f}" if rec["images_per_s"] is not None else "n/a (compile step)")
 
     def _compare_memory(self, rec: Dict) -> None:
         """After the first logged steps on a GPU: the measured peak beside the planner's prediction."""
