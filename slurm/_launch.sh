@@ -10,8 +10,11 @@
 #                          (or, with LAUNCH_USR1=requeue, ends the step and asks for a requeue);
 #                          SIGTERM/SIGINT (scancel, preemption, time limit) are forwarded as SIGUSR1
 #                          so the trainer saves, and mark the job as stopped: no requeue from here.
-#                          Sets LAUNCH_RC (srun's status), LAUNCH_STOPPED (TERM/INT or empty) and
-#                          LAUNCH_REQUEUE_ASKED (1 after SIGUSR1 with LAUNCH_USR1=requeue).
+#                          Sets LAUNCH_RC (srun's status), LAUNCH_STOPPED (TERM/INT or empty),
+#                          LAUNCH_REQUEUE_ASKED (1 after SIGUSR1 with LAUNCH_USR1=requeue), and, for a
+#                          SIGTERM that came with Slurm's requeue after a node failure (not a stop),
+#                          LAUNCH_LOST (the nodes seen lost) / LAUNCH_SLURM_REQUEUED=1.
+# launch_await_node_verdict  after a failed step: wait for the controller to decide about a lost node.
 # launch_requeue REASON    scontrol requeue this job (it starts again with the same id).
 #
 # Why the batch shell waits in the background: bash runs a trap only after a foreground command
@@ -94,9 +97,26 @@ _launch_on_signal() {
       launch_log "SIGUSR1: forwarded to the tasks"
       ;;
     *)
-      LAUNCH_STOPPED="$sig"
-      launch_log "SIG$sig: the job is being cancelled, preempted or is out of time; asking the tasks to save" \
-                 "and stop (SIGUSR1); this script will not requeue it"
+      # On a node failure slurmctld requeues the job and ends its steps on the other nodes; this shell may get
+      # that SIGTERM before its KillWait SIGKILL (or only the SIGKILL). Asked at once, the controller still
+      # reports the lost node, or the job's Restarts count already ahead of this attempt.
+      if [[ "$sig" == TERM ]]; then
+        LAUNCH_LOST="$(launch_lost_nodes)"
+        launch_requeued_by_slurm && LAUNCH_SLURM_REQUEUED=1
+      fi
+      if [[ -n "$LAUNCH_LOST" || "$LAUNCH_SLURM_REQUEUED" == 1 ]]; then
+        launch_log "SIGTERM from Slurm, which is requeueing this job; asking the tasks to save and stop (SIGUSR1)"
+        if [[ -n "$LAUNCH_LOST" ]]; then
+          launch_node_lost_message "$LAUNCH_LOST"
+        else
+          launch_log "Slurm requeued this job while attempt $LAUNCH_ATTEMPT ran (a node of it failed, or" \
+                     "scontrol requeue); the next attempt resumes from the newest complete checkpoint"
+        fi
+      else
+        LAUNCH_STOPPED="$sig"
+        launch_log "SIG$sig: the job is being cancelled, preempted or is out of time; asking the tasks to save" \
+                   "and stop (SIGUSR1); this script will not requeue it"
+      fi
       ;;
   esac
   kill -USR1 "$LAUNCH_SRUN_PID" 2>/dev/null
@@ -105,6 +125,8 @@ _launch_on_signal() {
 # shellcheck disable=SC2034  # LAUNCH_STOPPED, LAUNCH_REQUEUE_ASKED, LAUNCH_RC: results for the caller
 launch_srun() {
   LAUNCH_STOPPED=""
+  LAUNCH_LOST=""
+  LAUNCH_SLURM_REQUEUED=0
   LAUNCH_REQUEUE_ASKED=0
   local srun_args=(--kill-on-bad-exit=1 "--cpu-bind=${LAUNCH_CPU_BIND:-none}")
   [[ -n "${SLURM_CPUS_PER_TASK:-}" ]] && srun_args+=(--cpus-per-task="$SLURM_CPUS_PER_TASK")
@@ -133,6 +155,61 @@ launch_srun() {
 launch_lost_nodes() {
   sinfo -h -N -n "$SLURM_JOB_NODELIST" -o '%N %t' 2>/dev/null \
     | awk '$2 ~ /\*$/ || $2 ~ /^(down|drain|fail)/ { print $1 }' | sort -u | tr '\n' ' ' | sed 's/ $//'
+}
+
+# After a failed step that a lost node may explain (a collective failed, or rank 0 left no exit record): wait
+# for the controller's verdict instead of concluding at once. Slurm marks a node that stopped answering down
+# only after SlurmdTimeout, and srun can return before that (it gives up on an unreachable node's tasks
+# KillWait + 2 s after the step was aborted). On its verdict slurmctld requeues the job (JobRequeue=1) and
+# ends this batch shell at once, without SIGTERM first: nothing after that is logged; slurmstepd writes
+# "*** JOB N ON HOST CANCELLED AT ... DUE TO NODE FAILURE ***" into this log instead. A batch shell that
+# ended before the verdict would end the job as FAILED, with no requeue. So this says what it waits for,
+# then polls the nodes of this job for up to SlurmdTimeout + 30 s (LAUNCH_NODE_WAIT_S overrides): a node
+# seen down or not responding is named (once); if the shell is still alive at the end, it says how it ended.
+# Sets LAUNCH_LOST (the nodes seen lost, space-separated; empty: none).
+launch_await_node_verdict() {
+  local wait_s="${LAUNCH_NODE_WAIT_S:-}" slurmd_timeout
+  if [[ -z "$wait_s" ]]; then
+    slurmd_timeout="$(scontrol show config 2>/dev/null | sed -n 's/^SlurmdTimeout *= *\([0-9]*\).*/\1/p' | head -n 1)"
+    wait_s=$(( ${slurmd_timeout:-300} + 30 ))
+  fi
+  LAUNCH_LOST=""
+  launch_log "waiting up to ${wait_s}s for Slurm's verdict on the nodes of this job: a node that stopped answering" \
+             "is marked down after SlurmdTimeout, and Slurm then requeues the job and ends this script at once"
+  trap '_launch_verdict_term' TERM
+  local t0=$SECONDS lost poll=$(( wait_s > 60 ? 5 : 1 ))   # no sinfo every second for minutes on a big cluster
+  while (( SECONDS - t0 < wait_s )); do
+    lost="$(launch_lost_nodes)"
+    if [[ -n "$lost" && -z "$LAUNCH_LOST" ]]; then
+      LAUNCH_LOST="$lost"
+      launch_node_lost_message "$lost"
+    fi
+    sleep "$poll"
+  done
+  trap - TERM
+}
+
+_launch_verdict_term() {
+  local lost
+  if [[ -z "$LAUNCH_LOST" ]]; then
+    lost="$(launch_lost_nodes)"
+    [[ -n "$lost" ]] && launch_node_lost_message "$lost"
+  fi
+  launch_log "SIGTERM from Slurm while waiting for its verdict: the job is being requeued (or cancelled)"
+  exit 0
+}
+
+launch_node_lost_message() {
+  launch_log "node(s) $1 of this job stopped responding; Slurm requeues a job that loses a node (JobRequeue," \
+             "--requeue), and the next attempt resumes from the newest complete checkpoint; this script does not" \
+             "requeue it itself"
+}
+
+# True when the controller already counts more restarts of this job than this attempt's (it requeued the job).
+launch_requeued_by_slurm() {
+  local restarts
+  restarts="$(scontrol show job -o "$SLURM_JOB_ID" 2>/dev/null | sed -n 's/.* Restarts=\([0-9]*\).*/\1/p' | head -n 1)"
+  [[ -n "$restarts" && "$restarts" -gt "${LAUNCH_ATTEMPT:-0}" ]]
 }
 
 launch_requeue() {

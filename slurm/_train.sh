@@ -130,6 +130,11 @@ sigs = rec.get("signals") or {}
 said = "; ".join("%s on ranks %s (%s)" % (n, v["ranks"], ", ".join(v["hosts"])) for n, v in sigs.items())
 print("stopped by %s at step %s" % (said or "a signal", rec.get("step")))
 ' 2>/dev/null || echo "stopped by a signal")"
+    if [[ -n "$LAUNCH_LOST" || "$LAUNCH_SLURM_REQUEUED" == 1 ]]; then
+      launch_log "checkpoint saved; Slurm requeues this job${LAUNCH_LOST:+ for the lost node(s) $LAUNCH_LOST}" \
+                 "(not requeued again from here); the next attempt resumes from the newest complete checkpoint"
+      exit 0
+    fi
     if [[ -n "$LAUNCH_STOPPED" ]]; then
       launch_log "checkpoint saved; the job was stopped by SIG$LAUNCH_STOPPED and is not requeued from here" \
                  "(a scheduler preemption with PreemptMode=REQUEUE requeues it; otherwise submit again to resume)"
@@ -145,15 +150,24 @@ print("stopped by %s at step %s" % (said or "a signal", rec.get("step")))
     exit "$REQUEUE_EXIT"
     ;;
   *)
-    lost="$(launch_lost_nodes)"
-    if [[ -n "$lost" ]]; then
-      launch_log "the trainer did not finish (srun status $LAUNCH_RC${status:+, trainer status $status}): node(s)" \
-                 "$lost of this job stopped responding; Slurm requeues a job that loses a node (JobRequeue," \
-                 "--requeue), and the next attempt resumes from the newest complete checkpoint; this script" \
-                 "does not requeue it itself"
-    else
-      launch_log "the trainer did not finish (srun status $LAUNCH_RC${status:+, trainer status $status}); not" \
-                 "requeueing from here (no node of this job is reported down)"
+    launch_log "the trainer did not finish (srun status $LAUNCH_RC${status:+, trainer status $status})"
+    lost="$LAUNCH_LOST"
+    if [[ -n "$lost" || "$LAUNCH_SLURM_REQUEUED" == 1 ]]; then
+      lost="${lost:-(requeued by Slurm)}"   # said when the SIGTERM came
+    elif lost="$(launch_lost_nodes)" && [[ -n "$lost" ]]; then
+      launch_node_lost_message "$lost"
+    elif [[ -z "$LAUNCH_STOPPED" && ( -z "$status" || "$record" == *'"reason": "collective"'* ) ]]; then
+      # a peer died or hangs, or rank 0 left no record: most likely a node of this job failed (see
+      # launch_await_node_verdict); Slurm's requeue usually ends this script while it waits
+      launch_await_node_verdict
+      lost="$LAUNCH_LOST"
+      if [[ -n "$lost" ]]; then
+        launch_log "node(s) $lost stopped responding, but Slurm did not requeue the job within the wait;" \
+                   "submit the same command again to resume from the newest complete checkpoint"
+      fi
+    fi
+    if [[ -z "$lost" ]]; then
+      launch_log "not requeueing from here (no node of this job is reported down)"
     fi
     [[ "$LAUNCH_RC" -ne 0 ]] && exit "$LAUNCH_RC"
     exit 1

@@ -76,10 +76,6 @@ KNOWN_FAILING = {
     "tests/engine/test_template_configs.py::test_every_template_default_configuration_at_tiny_scale":
         "bf16 ZeRO-1 resharded to ZeRO-2 and resumed: losses of steps 6-8 differ from the uninterrupted run by up "
         "to 2e-4 (bound 1e-5); the reduction differs by ZeRO stage in bf16",
-    "tests/slurm/test_multinode.py::test_every_attempt_says_what_stopped_it_and_what_was_lost":
-        "the batch log of a node-failure attempt does not yet say that a node stopped responding",
-    "tests/slurm/test_multinode.py::test_ablate_array_on_the_real_controller_requeues_its_preempted_task":
-        "the requeued array task's appended log shows steps 10 and 20 twice",
 }
 
 

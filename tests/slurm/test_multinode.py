@@ -161,13 +161,26 @@ ABLATE_GRID = os.path.join("tests", "experiments", "tiny_grid.yaml")
 ABLATE_USR1_AFTER = 3   # steps logged by the preempted array task before scancel --signal=USR1
 
 
+ABLATE_STEPS, ABLATE_LOG_EVERY, ABLATE_EVAL_EVERY = 20, 5, 10   # tiny_grid.yaml's base + quick
+
+
 def _ablate_runs(run):
-    """metrics.jsonl of each run of the ablation grid (variant/seed0) -> the steps it logged."""
+    """metrics.jsonl of each run of the ablation grid (variant/seed0) -> (steps of its training records, steps
+    of its evaluation records). Both kinds carry a "step": an evaluation at step 10 is a record of its own beside
+    the training record of step 10, not a repeated step."""
     out = os.path.join(run.root, "runs", "ablate")
     found = {}
     for variant in ("next_tiny", "global_tiny"):
         path = os.path.join(out, variant, "seed0", "metrics.jsonl")
-        found[variant] = _metric_steps(path)
+        rows = []
+        if os.path.exists(path):
+            with open(path) as fh:
+                for line in fh:
+                    try:
+                        rows.append(json.loads(line))
+                    except ValueError:   # a line being written
+                        pass
+        found[variant] = ([r["step"] for r in rows if "loss" in r], [r["step"] for r in rows if "eval_samples" in r])
     return found
 
 
@@ -183,7 +196,7 @@ def _drive_ablate(run) -> bool:
         fields[task] = dict(re.findall(r"(\w+)=(\S*)", out))
     ab["tasks"] = fields
     if "usr1" not in ab and fields[1].get("JobState") == "RUNNING":
-        steps = _ablate_runs(run)["global_tiny"]
+        steps = _ablate_runs(run)["global_tiny"][0]
         if steps and max(steps) >= ABLATE_USR1_AFTER:
             subprocess.run(["scancel", "--signal=USR1", f"{ab['array']}_1"], env=run.env, check=True, timeout=30)
             ab["usr1"] = max(steps)
@@ -298,6 +311,13 @@ def _resumed_steps(run, name):
     return [int(m) for m in re.findall(r"resumed at step (\d+)", run.log(name))]
 
 
+def _attempt_logs(log, job_id):
+    """The batch log cut into attempts: attempt -> its text, from the batch script's "job N attempt K:" line to
+    the next attempt's (what slurmstepd and srun write about attempt K comes before attempt K + 1 starts)."""
+    marks = [(int(m.group(1)), m.start()) for m in re.finditer(rf"\] job {job_id} attempt (\d+):", log)]
+    return {a: log[start:(marks[i + 1][1] if i + 1 < len(marks) else len(log))] for i, (a, start) in enumerate(marks)}
+
+
 def _spurious(rec, node):
     """The stop of a resumed attempt by Slurm's delayed kill of the failed attempt's step (same job id) on the
     node that came back: SIGTERM on that node's ranks only, the checkpoint saved, exit 75."""
@@ -346,12 +366,33 @@ def test_every_attempt_says_what_stopped_it_and_what_was_lost(mrun):
     # the link of the non-batch node went down mid-step: the other ranks stopped within the collective
     # timeout with the step and the checkpoint; the batch script says Slurm requeues it.
     part = exits[attempts[3]]
-    # the surviving ranks' collective either times out (parallel.collective_timeout_s) or is closed first by a
-    # peer that Slurm's kill of the step (on node failure) ended; either way a collective failure at that step
-    assert part["status"] == "failed" and part["reason"] == "collective", part
-    assert "Timed out" in part["error"] or "Connection closed by peer" in part["error"], part
-    assert part["resume_from"].endswith(f"global_step{resumed[attempts[3] + 1]}") and part["step"] is not None
-    assert re.search(r"node\(s\) \S+ of this job stopped responding; Slurm requeues a job that loses a node", log), log
+    if part["status"] == "failed":
+        # the surviving ranks' collective either times out (parallel.collective_timeout_s) or is closed first by a
+        # peer that Slurm's kill of the step (on node failure) ended; either way a collective failure at that step
+        assert part["reason"] == "collective", part
+        assert "Timed out" in part["error"] or "Connection closed by peer" in part["error"], part
+        assert part["resume_from"].endswith(f"global_step{resumed[attempts[3] + 1]}") and part["step"] is not None
+    else:
+        # or the controller's verdict (node DOWN after SlurmdTimeout, 10 s) came before the collective timeout
+        # (20 s): the link is back at that verdict (the heal above), the blocked step completes, and Slurm's kill of
+        # the requeued job's steps (SIGTERM) makes every rank save that step and exit 75: nothing lost
+        assert (part["status"], part["exit_code"], part["signal"]) == ("preempted", 75, "SIGTERM"), part
+        assert list(part["signals"]) == ["SIGTERM"] and part["step"] == resumed[attempts[3] + 1], (part, resumed)
+    # What the log says of the two node failures the batch host survived (the non-batch node crashed, its link
+    # cut). On its verdict (the node DOWN after SlurmdTimeout) slurmctld requeues the job and the batch step
+    # ends at once, SIGKILL without SIGTERM first (slurmd's log: "CANCELLED ... DUE TO NODE FAILURE", then "done
+    # with job" ~10 ms later), usually while srun still waits for the lost node's tasks: then only slurmstepd's
+    # line is there, which Slurm writes into the batch log on that verdict. The batch script's own line comes only
+    # when srun returned first (it then waits for the verdict, see launch_await_node_verdict). Either is a
+    # statement that the node failed; "not requeueing" would be false.
+    sections = _attempt_logs(log, f["id"])
+    for ev in (faults[1], faults[3]):
+        text = sections.get(ev["attempt"], "")
+        said = re.search(rf"node\(s\) {ev['node']} of this job stopped responding; Slurm requeues a job that loses a "
+                         rf"node", text)
+        cancelled = re.search(rf"\*\*\* JOB {f['id']} ON {ev['batch_host']} CANCELLED AT \S+ DUE TO NODE FAILURE", text)
+        assert said or cancelled, (ev, text[-6000:])
+        assert "not requeueing from here" not in text and "is not requeued from here" not in text, (ev, text[-6000:])
     assert exits[final]["step"] == STEPS
     # Nothing on disk was lost: every checkpoint left verifies.
     r = subprocess.run([sys.executable, "-m", "heptapod_ds.engine.integrity",
@@ -423,7 +464,11 @@ def test_ablate_array_on_the_real_controller_requeues_its_preempted_task(mrun):
     # the array task's log keeps both attempts (--open-mode=append): the save and requeue, then the resume
     assert "saved a checkpoint after a preemption signal; requeueing" in text, text[-4000:]
     assert re.search(r"global_tiny/seed0: resuming \(20 steps", text), text[-4000:]
-    for variant, steps in _ablate_runs(mrun).items():
-        assert steps == sorted(set(steps)) and steps[-1] == 20, (variant, steps)   # each step logged once
+    # each step logged once, each evaluation once: the preempted task's first attempt logged nothing after the
+    # checkpoint it resumed from that the second attempt did not drop (metrics.jsonl is cut back on resume)
+    want = (list(range(ABLATE_LOG_EVERY, ABLATE_STEPS + 1, ABLATE_LOG_EVERY)),
+            list(range(ABLATE_EVAL_EVERY, ABLATE_STEPS + 1, ABLATE_EVAL_EVERY)))
+    for variant, logged in _ablate_runs(mrun).items():
+        assert logged == want, (variant, logged, want)
     print(f"ablate --slurm: array {ab['array']} (2 tasks), task 1 preempted after step {ab['usr1']}, requeued, "
           f"finished; report job {ab['report']} {ab['report_state']}")
