@@ -58,6 +58,11 @@ def describe(row: Dict) -> str:
         if "ratio_to_reference" in row:
             r = row["ratio_to_reference"]
             text += f"  x{r['median']:.3f} of reference [{r['min']:.3f}-{r['max']:.3f}]"
+        if "compile_s" in row:  # train/<preset>/compiled: ZeRO-0 with train.compile
+            r, even = row["ratio_to_eager"], row["break_even_steps"]
+            text += (f"  compile {row['compile_s']:.1f} s (first step), x{r['median']:.3f} of eager zero0 "
+                     f"[{r['min']:.3f}-{r['max']:.3f}], pays off after "
+                     f"{f'{even:,.0f} steps' if even is not None else 'never (not faster)'}")
         return text
     if name == "mfu/matmul_peak":
         return (f"fp32 matmul {row['matmul_size']}^3: {row['peak_flops_per_s'] / 1e9:,.1f} GFLOP/s "
@@ -137,8 +142,10 @@ def run_rows(names: List[str], quick: bool, device: str) -> List[Dict]:
         elif name == "memory":
             rows += memory.run("tiny" if quick else "small", micro_batch=4)
         elif name == "loader":
-            rows += loader.run(samples=1024 if quick else 8192, batch=128 if quick else 256,
-                               repeats=2 if quick else 5, max_batches=6 if quick else 16,
+            # quick: fewer, smaller batches, but as many per measurement as the full run (16): with 6, the
+            # batches the memmap DataLoader prefetched during the first one were most of what was timed
+            rows += loader.run(samples=2048 if quick else 8192, batch=128 if quick else 256,
+                               repeats=2 if quick else 5, max_batches=16,
                                workers=list(range(1, cores + 1)))
         elif name == "gpu":
             _single_rank(device)

@@ -84,6 +84,8 @@ class SDPACoreAttention(MegatronModule):
         # [b, heads, sq, head_dim] -> [sq, b, heads * head_dim]
         return out.permute(2, 0, 1, 3).reshape(sq, b, self.hidden_size_per_partition)
 
+    @torch.compiler.disable(reason="the group sizes are host values that change every step; the layer's "
+                                   "dense parts around it stay compiled (train.compile)")
     def _grouped(self, query, key, value, packed: PackedSlots) -> torch.Tensor:
         """The local head's packed slots ``[P, 1, heads, d]``: each length group is a contiguous ``[L, n]`` block
         (a view), attended with its window mask; the outputs are joined back into ``[P, 1, hidden]``."""

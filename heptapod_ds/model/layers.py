@@ -152,6 +152,12 @@ def layer_spec(impl, mask_type: AttnMaskType):
     core = core_attention_class(impl.attention, impl.transformer)
     if core is not None:
         attn.submodules.core_attention = core
+    if impl.transformer == "local":  # the bias inside the matmul at TP = 1 (linears.py); TE fuses its own
+        from .linears import FoldedColumnParallelLinear, FoldedRowParallelLinear
+
+        attn.submodules.linear_qkv, attn.submodules.linear_proj = FoldedColumnParallelLinear, FoldedRowParallelLinear
+        mlp = spec.submodules.mlp.submodules
+        mlp.linear_fc1, mlp.linear_fc2 = FoldedColumnParallelLinear, FoldedRowParallelLinear
     return spec
 
 
