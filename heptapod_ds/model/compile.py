@@ -131,6 +131,31 @@ def _megatron_polyfills() -> None:
     _POLYFILLED = True
 
 
+def _compile_workers() -> None:
+    """No compile-worker pool without a GPU: Inductor's pool is a ThreadPoolExecutor whose (non-daemon) thread lives
+    until the interpreter's own shut-down, and :func:`heptapod_ds.distributed.process_exit.exit_process` joins the
+    non-daemon threads before that, so a finished run never exited (measured: train.py and the test ranks hung
+    after their last step). On a CPU the kernels compile in this thread; with a GPU the pools are kept (Triton
+    compiles in parallel) and :func:`release_compile_workers` shuts them down at the end of a run."""
+    if not torch.cuda.is_available():
+        import torch._inductor.config as inductor_config
+
+        inductor_config.compile_threads = 1
+
+
+def release_compile_workers() -> None:
+    """Shut down Inductor's compile-worker pools (threads and processes), if any were started."""
+    try:
+        from torch._inductor import async_compile
+    except Exception:  # noqa: BLE001 - nothing compiled, nothing to release
+        return
+    async_compile.shutdown_compile_workers()
+    pool = async_compile.AsyncCompile.pool
+    if pool.cache_info().currsize:
+        pool().shutdown(wait=True)
+        pool.cache_clear()
+
+
 def compile_options(cfg) -> Dict[str, object]:
     """What :func:`apply_compile` does for ``cfg``: per part, whether the core attention stays eager."""
     selective = False
@@ -138,10 +163,15 @@ def compile_options(cfg) -> Dict[str, object]:
         from heptapod_ds.cost.recompute import plan
 
         selective = set(plan(cfg)["selective"])
+    # the local head's core attention splits its packed length groups with host values that change every step
+    # (heptapod_ds.model.attention, already torch.compiler.disable there): its layers are compiled around it
+    local = getattr(cfg, "head", None) is not None and cfg.head.type == "local"
     parts = {}
     for part in ("backbone", "head"):
-        exclude = bool(selective) and part in selective
-        parts[part] = {"exclude_core_attention": exclude}
+        exclude = (bool(selective) and part in selective) or (part == "head" and local)
+        # the local head's packed length changes every step: symbolic from the first compile (measured: with
+        # automatic dynamic shapes step 2 recompiled every graph of the layer, ~20 s, a second compile)
+        parts[part] = {"exclude_core_attention": exclude, "dynamic": part == "head" and local}
     return parts
 
 
@@ -152,17 +182,19 @@ def apply_compile(model: nn.Module, cfg=None, exclude_core_attention: Iterable[s
     inside the compiled layer (selective recompute adds its parts). Returns the number of layers compiled.
     """
     _megatron_polyfills()
+    _compile_workers()
     options = compile_options(cfg) if cfg is not None else {}
     excluded = set(exclude_core_attention) | {p for p, o in options.items() if o["exclude_core_attention"]}
     count = 0
     for part, container in stacks(model).items():
         exclude = part in excluded
+        dynamic = options.get(part, {}).get("dynamic", False)
         for layer in _layers(container):
             if exclude:
                 _exclude(layer.self_attention.core_attention)
             # fullgraph where nothing is left out: a graph break would be a silent slow path; the shapes of a
-            # stack are fixed in training (dynamic=False: one static graph per stack, no symbolic sizes)
-            _compile_forward(layer, fullgraph=not exclude, dynamic=False if not exclude else None)
+            # stack are otherwise fixed in training (dynamic=False: one static graph per stack)
+            _compile_forward(layer, fullgraph=not exclude, dynamic=True if dynamic else False)
             count += 1
     log.info("train.compile: %d Transformer layers compiled per layer%s", count,
              f" (core attention eager in {', '.join(sorted(excluded))})" if excluded else "")

@@ -264,6 +264,9 @@ class Trainer:
             exit_code = self._finish()
         self.preempt.close()
         self.metrics.close()
+        if cfg.train.compile:
+            from heptapod_ds.model.compile import release_compile_workers
+            release_compile_workers()  # a compile-worker thread left running would keep the process from exiting
         return exit_code
 
     def _first_compiled_step(self, train_step, batches):
