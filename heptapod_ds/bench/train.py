@@ -41,13 +41,14 @@ def _functional_linear(fn):
         torch.nn.functional.linear = saved
 
 
-def bench_config(preset: str, micro_batch: int, zero_stage: int, attention: str = "auto"):
+def bench_config(preset: str, micro_batch: int, zero_stage: int, attention: str = "auto", compile: bool = False):
     from heptapod_ds.config import load_config
 
     return load_config(overrides=[f"preset={preset}", f"parallel.zero_stage={zero_stage}",
                                   f"train.micro_batch_size={micro_batch}", f"train.global_batch_size={micro_batch}",
                                   "train.grad_accum=1", "train.ema_decay=0", f"backbone.attention={attention}",
-                                  "logging.wandb_mode=disabled"], world_size=1)
+                                  "logging.wandb_mode=disabled", f"train.compile={str(compile).lower()}"],
+                       world_size=1)
 
 
 def _batch(cfg, micro_batch: int):
@@ -76,8 +77,11 @@ def run(preset: str, micro_batch: int, repeats: int, peak_size: int) -> List[Dic
         engines[stage], _, _ = build_engine(cfg, lambda cfg=cfg: build_model(cfg))
     # zero.Init replaces torch.nn.functional.linear for the rest of the process (DeepSpeed's
     # memory_efficient_linear); each variant runs with what it would have in its own process.
-    linear = {"reference": plain_linear, 0: plain_linear, 3: torch.nn.functional.linear}
+    linear = {"reference": plain_linear, 0: plain_linear, 3: torch.nn.functional.linear, "compiled": plain_linear}
     torch.nn.functional.linear = plain_linear
+    # ZeRO-0 with train.compile: its layers compile on its first training step, timed apart below
+    cfg_compiled = bench_config(preset, micro_batch, 0, compile=True)
+    engines["compiled"], _, _ = build_engine(cfg_compiled, lambda: build_model(cfg_compiled))
     cfg = bench_config(preset, micro_batch, 0)
     tokens, labels, seeds = _batch(cfg, micro_batch)
     ref = plain_reference(engines[0].module)
@@ -88,7 +92,8 @@ def run(preset: str, micro_batch: int, repeats: int, peak_size: int) -> List[Dic
         for stage, engine in engines.items():
             with _functional_linear(linear[stage]):
                 first_losses[f"zero{stage}"] = float(engine(tokens, labels, sample_seeds=seeds)[0])
-    for name in ("zero0", "zero3"):
+    first_losses["compiled"] = first_losses.pop("zerocompiled")  # without gradients: its eager layers
+    for name in ("zero0", "zero3", "compiled"):
         diff = abs(first_losses[name] - first_losses["reference"])
         if diff > 1e-5 * max(1.0, abs(first_losses["reference"])):
             raise RuntimeError(f"plain reference is not the same network: first loss {first_losses['reference']:.7f} "
@@ -109,17 +114,29 @@ def run(preset: str, micro_batch: int, repeats: int, peak_size: int) -> List[Dic
         torch.nn.utils.clip_grad_norm_(ref.parameters(), cfg.optimizer.grad_clip)
         ref_opt.step()
 
-    log.info("training step: %s, micro batch %d, %d interleaved repeats", preset, micro_batch, repeats)
-    times = interleave({"reference": ref_step, "zero0": full_step(0), "zero3": full_step(3)}, repeats, warmup=1)
+    compiled_step = full_step("compiled")
+    t0 = time.perf_counter()
+    compiled_step()  # Dynamo + Inductor compile here: the compile time, apart from the step times
+    compile_s = time.perf_counter() - t0
+    log.info("training step: %s, micro batch %d, %d interleaved repeats (compile of train/%s/compiled: %.1f s)",
+             preset, micro_batch, repeats, preset, compile_s)
+    times = interleave({"reference": ref_step, "zero0": full_step(0), "zero3": full_step(3),
+                        "compiled": compiled_step}, repeats, warmup=1)
     peak = matmul_peak(peak_size, max(3, repeats))
     flops = train_flops_per_image(cfg)
     rows = []
-    for name in ("reference", "zero0", "zero3"):
+    for name in ("reference", "zero0", "zero3", "compiled"):
         s = summary(times[name])
         row = {"row": f"train/{preset}/{name}", "step_s": s, "images_per_s": micro_batch / s["median"],
                "first_loss": first_losses[name]}
         if name != "reference":
             row["ratio_to_reference"] = ratio_summary(times[name], times["reference"])
+        if name == "compiled":  # the same ZeRO-0 stack with train.compile; its first step compiled
+            row["compile_s"] = compile_s
+            row["ratio_to_eager"] = ratio_summary(times[name], times["zero0"])
+            # steps after which compiling has paid for itself: compile time over the time saved per step
+            saved = summary(times["zero0"])["median"] - s["median"]
+            row["break_even_steps"] = (compile_s - s["median"]) / saved if saved > 0 else None
         achieved = flops * micro_batch / s["median"]
         row["achieved_flops_per_s"] = achieved
         row["mfu"] = achieved / peak["flops_per_s"]
