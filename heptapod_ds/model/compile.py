@@ -17,9 +17,11 @@ step) run the eager forward of the same layer, so they give the eager results.
 
 With activation recompute, recompute stays outside the compiled code: ``full`` checkpoints a compiled layer
 (eager ``torch.utils.checkpoint`` around it, RNG replay as before), ``selective`` leaves the core attention's
-checkpointed region eager inside the compiled layer (a graph break: ``torch.compiler.disable``). The same
-exclusion is what a core attention whose inputs Dynamo cannot guard cheaply needs (the local head's
-packed groups): :func:`apply_compile` with ``exclude_core_attention=True``.
+checkpointed region eager inside the compiled layer (a graph break: ``torch.compiler.disable``). The local head
+gets the same exclusion: its core attention splits the packed length groups (``packed_seq_params``) with host
+values that change every step, so its layers are compiled around it (two graphs per layer, not fullgraph) with
+a symbolic packed length (``dynamic=True``: one compile, not one per length). Every other stack is compiled
+``fullgraph=True`` (a graph break there would be a silent slow path) with static shapes.
 """
 from __future__ import annotations
 

@@ -139,3 +139,15 @@ def test_names_unchanged_and_no_grad_runs_eager(single_rank):
         b, _ = eager(tokens, labels, sample_seeds=torch.tensor([5, 6]))
     assert counters["stats"].get("unique_graphs", 0) == before
     assert torch.equal(a, b)
+
+
+def test_refused_where_measured_not_to_work_and_accepted_elsewhere():
+    from heptapod_ds.config import ConfigError, load_config
+
+    with pytest.raises(ConfigError, match=r"train.compile=true with parallel.zero_stage=3.*_pre_forward_module_hook"):
+        load_config(overrides=["train.compile=true", "parallel.zero_stage=3"], world_size=1)
+    for ok in (["parallel.zero_stage=1"], ["parallel.zero_stage=2", "parallel.precision=bf16"],
+               ["recompute.granularity=selective"], ["recompute.granularity=full"], ["head.type=global"]):
+        assert load_config(overrides=["train.compile=true", *ok], world_size=1).train.compile
+    assert load_config(overrides=["train.compile=true", "parallel.pipeline=2", "parallel.zero_stage=1",
+                                  "train.micro_batch_size=8", "train.grad_accum=0"], world_size=2).train.compile
