@@ -67,20 +67,3 @@ def _no_parallel_state_leaks():
 
     if parallel_state.is_initialized():
         parallel_state.destroy()
-
-
-# Tests of issue 22 that failed in this session's last full CI run (2026-12-03, fresh clone of 9e34e49) and
-# were not fixed before it ended; issue 22 stays open on them. They still run (a pass shows as XPASS);
-# remove an entry once its test passes on a fresh clone.
-KNOWN_FAILING = {
-    "tests/engine/test_template_configs.py::test_every_template_default_configuration_at_tiny_scale":
-        "bf16 ZeRO-1 resharded to ZeRO-2 and resumed: losses of steps 6-8 differ from the uninterrupted run by up "
-        "to 2e-4 (bound 1e-5); the reduction differs by ZeRO stage in bf16",
-}
-
-
-def pytest_collection_modifyitems(config, items):
-    for item in items:
-        reason = KNOWN_FAILING.get(item.nodeid)
-        if reason is not None:
-            item.add_marker(pytest.mark.xfail(reason=f"known failure, issue 22 open: {reason}", strict=False))
