@@ -108,7 +108,7 @@ _POLYFILLED = False
 
 
 def _megatron_polyfills() -> None:
-    """Let Dynamo trace megatron's row-parallel linears: ``get_tensor_model_parallel_group_if_none`` warns (a
+    """Let Dynamo trace megatron's tensor-parallel linears: ``get_tensor_model_parallel_group_if_none`` warns (a
     DeprecationWarning that Dynamo cannot trace, measured: "Attempted to call function marked as skipped:
     _warnings.warn") when it is passed ``tp_group=None``, which ``RowParallelLinear.forward`` does on every
     call. The polyfill is the same function without the warning; it applies to traced code only."""
@@ -158,6 +158,19 @@ def release_compile_workers() -> None:
         pool.cache_clear()
 
 
+def _synchronous_dgrad(layer: nn.Module) -> None:
+    """At TP > 1 megatron's column-parallel linears all-reduce the input gradient with ``async_op=True`` (overlapped
+    with the weight-gradient GEMM) inside their autograd Function, which Dynamo refuses (measured at TP=2:
+    "async_op=True for distributed collectives"). With ``allreduce_dgrad`` off, megatron's own other path runs:
+    ``copy_to_tensor_model_parallel_region`` (identity forward, synchronous all-reduce of the gradient) before the
+    linear, the same gradients without the overlap (on the CPU there is nothing to overlap with anyway)."""
+    from megatron.core.tensor_parallel import ColumnParallelLinear
+
+    for module in layer.modules():
+        if isinstance(module, ColumnParallelLinear) and getattr(module, "allreduce_dgrad", False):
+            module.allreduce_dgrad = False
+
+
 def compile_options(cfg) -> Dict[str, object]:
     """What :func:`apply_compile` does for ``cfg``: per part, whether the core attention stays eager."""
     selective = False
@@ -194,6 +207,7 @@ def apply_compile(model: nn.Module, cfg=None, exclude_core_attention: Iterable[s
         for layer in _layers(container):
             if exclude:
                 _exclude(layer.self_attention.core_attention)
+            _synchronous_dgrad(layer)
             # fullgraph where nothing is left out: a graph break would be a silent slow path; the shapes of a
             # stack are otherwise fixed in training (dynamic=False: one static graph per stack)
             _compile_forward(layer, fullgraph=not exclude, dynamic=True if dynamic else False)
