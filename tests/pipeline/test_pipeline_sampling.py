@@ -1,6 +1,6 @@
 """Pipelined generation (PP=2) draws the samples of PP=1 for the same weights and seeds: identical tokens
 (discrete), within 1e-5 (continuous), for every head, with cuts inside the backbone, inside the head and
-before an output-only last stage."""
+before an output-only last stage; so do TP=2 (2 ranks) and TP=2 x PP=2 (4 ranks)."""
 import pytest
 import torch
 
@@ -57,9 +57,54 @@ def _pipelined(rank, world_size, path):
     return out
 
 
-def test_pp2_samples_equal_pp1(tmp_path):
-    path = str(tmp_path / "weights.pt")
-    reference = run_ranks(_reference, 1, args=(path,), timeout=600)[0]
+@torch.no_grad()
+def _tensor_parallel(rank, world_size, path, pipeline):
+    from heptapod_ds.distributed import parallel_state
+    from heptapod_ds.model import build_model
+    from heptapod_ds.model.tp_shard import split_full_state_dict
+
+    layout(2, pipeline)
+    info = parallel_state.get_info()
+    states = torch.load(path)
+    out = {}
+    for kind, head, split in CASES:
+        extra = ["parallel.tensor=2"] + (["parallel.pipeline=2", f"parallel.pipeline_split={split}"]
+                                         if pipeline > 1 else [])
+        model = build_model(_cfg(kind, head, extra))
+        full = states[(kind, head)]
+        model.load_state_dict(split_full_state_dict({k: full[k] for k in model.state_dict() if k in full}, model,
+                                                    info.tp_rank, info.tp_size))
+        out[(kind, head)] = model.generate(LABELS, SEEDS)
+    return out
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory):
+    path = str(tmp_path_factory.mktemp("pp_sampling") / "weights.pt")
+    return path, run_ranks(_reference, 1, args=(path,), timeout=600)[0]
+
+
+def _assert_same_samples(reference, per_rank, what):
+    for kind, head, split in CASES:
+        ref = reference[(kind, head)]
+        for got in per_rank:  # every rank returns the tokens
+            got = got[(kind, head)]
+            if kind == "discrete":
+                assert torch.equal(got, ref), f"{what} {kind}/{head} split {split}: tokens differ"
+            else:
+                err = float((got - ref).norm() / ref.norm())
+                assert err <= 1e-5, f"{what} {kind}/{head} split {split}: relative difference {err:.2e}"
+
+
+@pytest.mark.parametrize("pipeline", [1, 2], ids=["tp2", "tp2xpp2"])
+def test_tensor_parallel_samples_equal_one_rank(reference, pipeline):
+    path, ref = reference
+    per_rank = run_ranks(_tensor_parallel, 2 * pipeline, args=(path, pipeline), timeout=600)
+    _assert_same_samples(ref, per_rank, f"TP=2 x PP={pipeline}")
+
+
+def test_pp2_samples_equal_pp1(reference):
+    path, reference = reference
     per_rank = run_ranks(_pipelined, 2, args=(path,), timeout=600)
     for kind, head, split in CASES:
         ref = reference[(kind, head)]
