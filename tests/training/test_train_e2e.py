@@ -87,10 +87,24 @@ def test_run_dir_artefacts_and_digits_scores(tmp_path):
     assert (run / "checkpoints" / "latest").read_text().strip() == "global_step6"
 
 
+def _eval_records(run_dir):
+    with open(os.path.join(run_dir, "metrics.jsonl")) as fh:
+        rows = [json.loads(line) for line in fh if line.strip()]
+    return [r for r in rows if "loss" not in r]
+
+
 def test_zero3_two_ranks_equals_zero0_one_rank(tmp_path):
+    """Training and the in-training evaluation (digits metrics every 5 steps, FID at the end): the same records
+    from ZeRO-3 on 2 data-parallel ranks (each samples its share) as from one rank."""
+    from heptapod_ds.evaluation import save_ref_stats
+    import numpy as np
+
+    ref = save_ref_stats(str(tmp_path / "ref.npz"), np.zeros(2048), np.eye(2048) * 0.01)
+    evals = ["eval.every=5", "sampling.eval_per_class=2", "eval.fid_every=5", "eval.fid_samples=20",
+             f"eval.fid_ref={ref}"]
     one, two = tmp_path / "one", tmp_path / "two"
-    _ok(_train(one, "train.steps=5", "parallel.zero_stage=0"))
-    cmd = [FAULTS, f"run_dir={two}", *SMALL, "train.steps=5", "train.micro_batch_size=8",
+    _ok(_train(one, "train.steps=5", "parallel.zero_stage=0", *evals))
+    cmd = [FAULTS, f"run_dir={two}", *SMALL, "train.steps=5", "train.micro_batch_size=8", *evals,
            "--ds_config", os.path.join(REPO, "ds_configs", "zero3.json")]
     procs = run_script(cmd, world_size=2, timeout=600, env=_env(), cwd=REPO)
     for p in procs:
@@ -100,3 +114,15 @@ def test_zero3_two_ranks_equals_zero0_one_rank(tmp_path):
     assert la.keys() == lb.keys()
     for s in la:
         assert abs(la[s] - lb[s]) <= 1e-5 * max(1.0, abs(la[s])), (s, la[s], lb[s])
+    ea, eb = _eval_records(one), _eval_records(two)
+    assert ea and [r["step"] for r in ea] == [r["step"] for r in eb], (ea, eb)
+    assert any("fid" in r for r in ea), ea
+    for a, b in zip(ea, eb):
+        assert a.keys() == b.keys(), (a, b)
+        for key, value in a.items():
+            if key in ("time", "eval_s", "fid_s", "wall_s") or key.endswith("_s"):
+                continue  # wall times
+            if isinstance(value, float):
+                assert b[key] == pytest.approx(value, rel=1e-6, abs=1e-9), (key, value, b[key])
+            else:
+                assert b[key] == value, (key, value, b[key])
