@@ -32,33 +32,32 @@ def _train(overrides, run_dir, sample=False):
     from heptapod_ds.training import Trainer
 
     cfg = load_config(overrides=[*overrides, f"run_dir={run_dir}"])
-    parallel_state.initialize(tensor=cfg.parallel.tensor, pipeline=cfg.parallel.pipeline, backend="gloo",
-                              seed=cfg.train.seed)
-    try:
-        trainer = Trainer(cfg)
-        trainer.setup()
-        assert trainer.run() == 0
-        model = trainer.model
-        layers = [layer for c in stacks(model).values() for layer in c]
-        out = {"names": sorted(n for n, _ in model.named_parameters()),
-               "keys": sorted(model.state_dict().keys()), "compiled": [is_compiled(layer) for layer in layers],
-               "compile_s": trainer.compile_s}
-        if sample:
-            from torch._dynamo.utils import counters
+    if not parallel_state.is_initialized():  # one world for every run of this rank (the harness destroys it)
+        parallel_state.initialize(tensor=cfg.parallel.tensor, pipeline=cfg.parallel.pipeline, backend="gloo",
+                                  seed=cfg.train.seed)
+    trainer = Trainer(cfg)
+    trainer.setup()
+    assert trainer.run() == 0
+    model = trainer.model
+    layers = [layer for c in stacks(model).values() for layer in c]
+    out = {"names": sorted(n for n, _ in model.named_parameters()),
+           "keys": sorted(model.state_dict().keys()), "compiled": [is_compiled(layer) for layer in layers],
+           "compile_s": trainer.compile_s}
+    if sample:
+        from torch._dynamo.utils import counters
 
-            before = dict(counters["stats"])
-            labels = torch.tensor([1, 7])
-            out["samples"] = model.generate(labels, torch.tensor([11, 12]), top_k=None)
-            out["graphs_compiled_by_sampling"] = counters["stats"].get("unique_graphs", 0) - before.get(
-                "unique_graphs", 0)
-        if parallel_state.is_rank0():
-            out["metrics"] = _metrics(run_dir)
-            tag = os.path.join(run_dir, "checkpoints", f"global_step{cfg.train.steps}")
-            sd = torch.load(os.path.join(tag, "mp_rank_00_model_states.pt"), map_location="cpu", weights_only=False)
-            out["ckpt_keys"] = sorted(sd["module"].keys())
-        return out
-    finally:
-        parallel_state.destroy()
+        before = dict(counters["stats"])
+        labels = torch.tensor([1, 7])
+        out["samples"] = model.generate(labels, torch.tensor([11, 12]), top_k=None)
+        out["graphs_compiled_by_sampling"] = counters["stats"].get("unique_graphs", 0) - before.get(
+            "unique_graphs", 0)
+    if parallel_state.is_rank0():
+        out["metrics"] = _metrics(run_dir)
+        tag = os.path.join(run_dir, "checkpoints", f"global_step{cfg.train.steps}")
+        sd = torch.load(os.path.join(tag, "mp_rank_00_model_states.pt"), map_location="cpu", weights_only=False)
+        out["ckpt_keys"] = sorted(sd["module"].keys())
+    parallel_state.barrier()
+    return out
 
 
 def _pairs(rank, world_size, tmp, variants):
