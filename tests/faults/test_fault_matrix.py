@@ -171,6 +171,8 @@ LAYOUTS = {
     "ZeRO-3, TP=2 x DP=2, grad_accum 2": ["parallel.zero_stage=3", "parallel.tensor=2", "train.micro_batch_size=4"],
     "ZeRO-0, TP=2 x DP=2": ["parallel.zero_stage=0", "parallel.tensor=2", "train.micro_batch_size=8"],
     "ZeRO-3, TP=1 x DP=4": ["parallel.zero_stage=3", "parallel.tensor=1", "train.micro_batch_size=4"],
+    "ZeRO-1, PP=2 x DP=2, grad_accum 2": ["parallel.zero_stage=1", "parallel.tensor=1", "parallel.pipeline=2",
+                                          "train.micro_batch_size=4"],
 }
 STEPS4 = 8
 FOUR = ["checkpoint.save_every=4", "checkpoint.keep_last=2", f"train.steps={STEPS4}"]
@@ -178,9 +180,12 @@ FULL = os.environ.get("HEPTAPOD_FAULTS_FULL") == "1"
 # (layout, signal, rank that gets it, after step) - never a save step (4, 8). The first two cover ZeRO-0 and
 # ZeRO-3, TP=1 and TP=2 within the CI budget; HEPTAPOD_FAULTS_FULL=1 adds the two other combinations.
 SIGNALS = [("ZeRO-0, TP=1 x DP=4", "SIGTERM", 0, 3), ("ZeRO-3, TP=2 x DP=2, grad_accum 2", "SIGUSR1", 3, 3),
+           ("ZeRO-1, PP=2 x DP=2, grad_accum 2", "SIGTERM", 1, 3),
            ("ZeRO-0, TP=2 x DP=2", "SIGUSR1", 1, 5), ("ZeRO-3, TP=1 x DP=4", "SIGTERM", 2, 5)]
-# (layout, how the rank fails, rank, in the forward of step)
-RANK_FAULTS = {"ZeRO-0, TP=1 x DP=4": ("SIGKILL", 2, 6), "ZeRO-3, TP=2 x DP=2, grad_accum 2": ("SIGSTOP", 1, 6)}
+# layout: [(how the rank fails, rank, in the forward of step), ...], one launch each, in order; in the pipeline
+# layout rank 3 runs the last stage (head and output) and rank 0 the first (embeddings and backbone)
+RANK_FAULTS = {"ZeRO-0, TP=1 x DP=4": [("SIGKILL", 2, 6)], "ZeRO-3, TP=2 x DP=2, grad_accum 2": [("SIGSTOP", 1, 6)],
+               "ZeRO-1, PP=2 x DP=2, grad_accum 2": [("SIGKILL", 3, 5), ("SIGSTOP", 0, 7)]}
 TIMEOUT_S = 30  # parallel.collective_timeout_s of the launch in which a rank dies or hangs
 # a NaN loss in micro batch 2 of 2 of step 2 on rank 3 only, in the reference and in every launch of the layout
 NAN = {"ZeRO-3, TP=2 x DP=2, grad_accum 2": "2:3:1"}
@@ -211,25 +216,35 @@ def test_signal_at_a_non_save_step_then_resume(layout, sig, rank, after, tmp_pat
     assert intact(run) == periodic + [after], intact(run)  # saved at once, not at the next periodic save
     row.outcome = f"all ranks saved step {after} and exited 75; resume=auto identical to the uninterrupted run"
     if layout in RANK_FAULTS:
-        how, victim, at = RANK_FAULTS[layout]
-        rrow = Row(f"rank {victim} {'killed (SIGKILL)' if how == 'SIGKILL' else 'hung (SIGSTOP)'} in the forward "
-                   f"of step {at}", f"4 ranks, {layout}")
-        dead = launch(run, cfg + [f"parallel.collective_timeout_s={TIMEOUT_S}"], world=4,
-                      env={**_fault(f"train.forward@{at}:rank{victim}", how), **nan},
-                      stopped_rank=victim if how == "SIGSTOP" else None)
-        others = [r for r in range(4) if r != victim]
-        extra = []
-        for r in others:
-            if dead.returncodes[r] != 1 or "a collective operation failed during step" not in dead.output[r]:
-                extra.append(f"rank {r}: exit {dead.returncodes[r]}: {dead.output[r][-800:]}")
-        waited = max(dead.first_exit_s[r] for r in others)
-        lost_at = max(losses(run))
+        pipeline = "parallel.pipeline=2" in cfg
+        pending = []
+        for how, victim, at in RANK_FAULTS[layout]:
+            stage = f" ({'last' if victim == 3 else 'first'} pipeline stage)" if pipeline else ""
+            rrow = Row(f"rank {victim}{stage} {'killed (SIGKILL)' if how == 'SIGKILL' else 'hung (SIGSTOP)'} in "
+                       f"the forward of step {at}", f"4 ranks, {layout}")
+            before = max(losses(run))
+            dead = launch(run, cfg + [f"parallel.collective_timeout_s={TIMEOUT_S}"], world=4,
+                          env={**_fault(f"train.forward@{at}:rank{victim}", how), **nan},
+                          stopped_rank=victim if how == "SIGSTOP" else None)
+            others = [r for r in range(4) if r != victim]
+            extra = []
+            for r in others:
+                if dead.returncodes[r] != 1 or "a collective operation failed during step" not in dead.output[r]:
+                    extra.append(f"rank {r}: exit {dead.returncodes[r]}: {dead.output[r][-800:]}")
+            waited = max(dead.first_exit_s[r] for r in others)
+            newest = max(intact(run))  # what the next launch resumes from
+            if max(losses(run)) <= before:
+                extra.append(f"no step ran before the fault (last logged step {before})")
+            pending.append((rrow, max(losses(run)) - newest, newest, waited, others, extra))
         resumed = launch(run, cfg, world=4, env=nan)
         ok(resumed)
-        rrow.outcome = (f"ranks {others} stopped with a clear error, the last {waited:.0f} s after the launch "
-                        f"(collective timeout {TIMEOUT_S} s); the restart resumed from step "
-                        f"{resumed_step(resumed.output[0])}")
-        _check_row(rrow, run, ref, STEPS4, lost_at - resumed_step(resumed.output[0]), extra)
+        for rrow, lost, newest, waited, others, extra in pending:
+            rrow.outcome = (f"ranks {others} stopped with a clear error, the last {waited:.0f} s after the launch "
+                            f"(collective timeout {TIMEOUT_S} s); the next launch resumed from step {newest}")
+            _check_row(rrow, run, ref, STEPS4, lost, extra)
+        if resumed_step(resumed.output[0]) != pending[-1][2]:
+            raise AssertionError(f"the restart resumed from step {resumed_step(resumed.output[0])}, not from the "
+                                 f"newest complete checkpoint {pending[-1][2]}")
     else:
         resumed = launch(run, cfg, world=4, env=nan)
         ok(resumed)
