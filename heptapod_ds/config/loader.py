@@ -401,7 +401,8 @@ def _validate_compile(cfg: HeptapodConfig, err) -> None:
         err("train.compile=true with parallel.zero_stage=3: ZeRO-3 gathers each submodule's parameters in a forward "
             "pre-hook that DeepSpeed marks torch.compiler.disable, so the layer cannot be compiled as one graph "
             "(measured: torch._dynamo Unsupported 'Skip calling torch.compiler.disable()d function "
-            "_pre_forward_module_hook'). Use parallel.zero_stage=0, 1 or 2 with train.compile, or train.compile=false "
+            "_pre_forward_module_hook'); without fullgraph it breaks the graph at every submodule and measured ~13x "
+            "slower than eager ZeRO-3. Use parallel.zero_stage=0, 1 or 2 with train.compile, or train.compile=false "
             "with ZeRO-3.")
 
 
