@@ -193,13 +193,23 @@ class TrainingCheckpoint:
         module = sd["module"]
         names = [n for n in module if self._canon(n, path) is not None]
         from_local = {self._canon(n, path): n for n in names}
-        if kind == "fp32":
-            return {self._canon(n, path): module[n] for n in names}
         opt = sd.get("optimizer")
-        if not opt or "state" not in opt:
-            raise CheckpointFormatError(f"{path} holds no plain optimizer state (ZeRO-0 with a bf16/fp16 "
-                                        f"optimizer wrapper is not supported).")
         order = self._group_order([self._canon(n, path) for n in names])
+        if isinstance(opt, dict) and "fp32_groups" in opt:
+            # bf16/fp16 ZeRO-0 (DeepSpeed's FP16_UnfusedOptimizer): the fp32 master copies, one list per param
+            # group in the optimizer's order, and the torch optimizer's state of those copies; the module holds
+            # only their bf16 roundings
+            masters = [t for group in opt["fp32_groups"] for t in group]
+            if len(masters) != len(order):
+                raise CheckpointFormatError(f"{path}: {len(masters)} fp32 master tensors for {len(order)} parameters.")
+            if kind == "fp32":
+                return {name: t.float() for name, t in zip(order, masters)}
+            opt = opt["optimizer_state_dict"]
+        elif kind == "fp32":
+            return {self._canon(n, path): module[n] for n in names}
+        if not opt or "state" not in opt:
+            raise CheckpointFormatError(f"{path} holds no optimizer state DeepSpeed's ZeRO-0 writes (a torch "
+                                        f"optimizer's, or FP16_UnfusedOptimizer's fp32_groups).")
         out = {}
         for idx, name in enumerate(order):
             st = opt["state"].get(idx)
@@ -309,6 +319,8 @@ class TrainingCheckpoint:
         """AdamW's step count (identical in every group and rank)."""
         if self.zero == 0:
             opt = self.model_states()["optimizer"]
+            if "fp32_groups" in opt:  # bf16/fp16 ZeRO-0: the wrapped torch optimizer's state
+                opt = opt["optimizer_state_dict"]
             steps = {float(s["step"]) for s in opt["state"].values()} or {0.0}
         else:
             osd = self._load(self._optim_path(0, 0))["optimizer_state_dict"]
