@@ -3,7 +3,8 @@
 One 4-rank world trains the reference (TP=2 x DP=2, ZeRO-3, 6 steps, checkpoints at 3 and 6), converts
 its step-3 checkpoint (rank 0), loads every resharded layout (ZeRO-0/1/2/3 x TP 1/2, and PP=2) and the
 from-release checkpoints (TP=2 ZeRO-3, PP=2) into DeepSpeed engines and saves them again with DeepSpeed,
-resumes the DP=4 ZeRO-2 and the PP=2 x DP=2 reshards to step 6 (the PP=2 run saving every step), reshards
+resumes the DP=4 ZeRO-0 / ZeRO-2 / ZeRO-3, the TP=2 x DP=2 ZeRO-1 and the PP=2 x DP=2 reshards to step 6 (the
+PP=2 run saving every step), reshards
 the PP=2 run's own step-4 checkpoint back to PP=1, and samples from the training checkpoint and from the
 release. A 2-rank world resumes the TP=1 x DP=2 ZeRO-1 reshard of step 3 and the PP=1 reshard of the PP=2
 step 4. The assertions then share these runs.
@@ -87,6 +88,7 @@ def _on_rank0(rank, commands):
 
 
 PP2 = ["parallel.pipeline=2", "parallel.zero_stage=1", "train.micro_batch_size=4"]  # 2 micro-batches per step
+RESUMED = [("L10", 1, 0), ("L13", 1, 3), ("L21", 2, 1)]  # reshards of step 3 that are also trained to step 6
 
 
 def _world4(rank, world_size, tmp):
@@ -123,9 +125,13 @@ def _world4(rank, world_size, tmp):
         out.save(engine, int(state["step"]), state, ema=ema)
         del engine
 
-    # resume the DP=4 ZeRO-2 reshard to step 6
+    # resume the DP=4 ZeRO-2 reshard to step 6, and the ZeRO-0, ZeRO-3 (DP=4) and TP=2 ZeRO-1 (DP=2) ones
     _relayout(1)
     _train(_cfg(4, "parallel.zero_stage=2", "train.micro_batch_size=4", f"run_dir={tmp}/B"))
+    for name, tp, z in RESUMED:
+        _relayout(tp)
+        _train(_cfg(4, f"parallel.tensor={tp}", f"parallel.zero_stage={z}", f"train.micro_batch_size={8 if tp == 2 else 4}",
+                    f"run_dir={tmp}/{name}"))
     # resume the PP=2 reshard to step 6, saving every step; its own step 4 goes back to PP=1 (_world2)
     _relayout(1, 2)
     _train(_cfg(4, *PP2, "checkpoint.save_every=1", f"run_dir={tmp}/P"))
@@ -201,8 +207,10 @@ def test_resume_on_another_shape_matches_the_uninterrupted_run(runs):
     tmp, _ = runs
     ref = _losses(tmp / "ref")
     assert sorted(ref) == [1, 2, 3, 4, 5, 6]
-    # A: TP=1 DP=2 ZeRO-1, B: DP=4 ZeRO-2, P: PP=2 x DP=2 (from PP=1), Q: PP=1 from P's own PP=2 step 4
-    for name, steps in (("A", [4, 5, 6]), ("B", [4, 5, 6]), ("P", [4, 5, 6]), ("Q", [5, 6])):
+    # A: TP=1 DP=2 ZeRO-1, B: DP=4 ZeRO-2, P: PP=2 x DP=2 (from PP=1), Q: PP=1 from P's own PP=2 step 4;
+    # L10 / L13: DP=4 ZeRO-0 / ZeRO-3, L21: TP=2 x DP=2 ZeRO-1 (the source is TP=2 x DP=2 ZeRO-3)
+    for name, steps in (("A", [4, 5, 6]), ("B", [4, 5, 6]), ("P", [4, 5, 6]), ("Q", [5, 6]),
+                        *((name, [4, 5, 6]) for name, _, _ in RESUMED)):
         got = _losses(tmp / name)
         assert sorted(got) == steps, f"{name} did not resume at step {steps[0] - 1}: {sorted(got)}"
         for s in steps:
