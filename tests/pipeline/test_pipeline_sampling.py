@@ -106,13 +106,6 @@ def test_tensor_parallel_samples_equal_one_rank(reference, pipeline):
 def test_pp2_samples_equal_pp1(reference):
     path, reference = reference
     per_rank = run_ranks(_pipelined, 2, args=(path,), timeout=600)
-    for kind, head, split in CASES:
-        ref = reference[(kind, head)]
-        for got in per_rank:  # both stages return the tokens
-            got = got[(kind, head)]
-            if kind == "discrete":
-                assert torch.equal(got, ref), f"{kind}/{head} split {split}: tokens differ"
-            else:
-                err = float((got - ref).norm() / ref.norm())
-                assert err <= 1e-5, f"{kind}/{head} split {split}: relative difference {err:.2e}"
-        assert ref.float().std() > 0  # the samples are not trivially constant
+    _assert_same_samples(reference, per_rank, "PP=2")
+    for kind, head, _ in CASES:
+        assert reference[(kind, head)].float().std() > 0  # the samples are not trivially constant

@@ -1,6 +1,6 @@
 """Pipeline parallelism computes what PP = 1 computes: losses and all parameters after 4 optimizer steps,
-for every head x token kind and a cut inside the backbone and inside the head; the same in bf16 with ZeRO-0
-and ZeRO-1; TP=2 x PP=2 (ZeRO-1) and PP=2 x DP=2 (ZeRO-2) on 4 ranks; a non-finite loss on the last stage
+for every head x token kind and a cut inside the backbone and inside the head; the same in bf16 with ZeRO-0,
+ZeRO-1 and ZeRO-2 (discrete tokens) and ZeRO-1 with continuous tokens; TP=2 x PP=2 (ZeRO-1) and PP=2 x DP=2 (ZeRO-2) on 4 ranks; a non-finite loss on the last stage
 only skips the step everywhere (also through the coalesced ZeRO-1 / ZeRO-2 reduction of the 4-rank layouts, whose
 gradient norms equal PP=1's); a bf16 ZeRO-1 PP=2 run stopped by SIGTERM after step 3 of 8 resumes exactly.
 
@@ -29,8 +29,8 @@ POISONED = ("discrete", "global")
 # gives DeepSpeed's BF16_Optimizer (with the immediate_grad_update hooks that PP needs). The cut inside the
 # head sends a bf16 head-shaped activation. The BF16_Optimizer run also gets a NaN loss on the last stage at
 # (step 1, micro-batch 1), after its hooks moved earlier micro-batches' gradients into the fp32 buffers.
-BF16 = {"variant": ("discrete", "global"), "split": "4,2", "zero": ("0", "1", "1-fp32acc"),
-        "poison": {"1-fp32acc": (1, 1)}}
+BF16 = {"variant": ("discrete", "global"), "split": "4,2", "zero": ("0", "1", "1-fp32acc", "2", "1-continuous"),
+        "poison": {"1-fp32acc": (1, 1)}, "variants": {"1-continuous": ("continuous", "global")}}
 RESUME = ["parallel.precision=bf16", "parallel.zero_stage=1", "parallel.pipeline=2", "train.ema_decay=0.9",
           "checkpoint.save_every=0", "train.global_batch_size=8", "train.micro_batch_size=2", "train.grad_accum=4"]
 FOUR_RANKS = {"tp2_pp2_zero1": (("continuous", "global"), ["parallel.tensor=2", "parallel.pipeline=2",
@@ -43,7 +43,8 @@ FOUR_RANK_POISON = {"tp2_pp2_zero1": (2, 3), "pp2_dp2_zero2": (1, 1)}
 
 
 def _bf16_overrides(zero, tmp):
-    """``zero``: "0", "1" (DeepSpeed's defaults) or "1-fp32acc" (a JSON selecting BF16_Optimizer)."""
+    """``zero``: "0", "1", "2" (DeepSpeed's defaults; "1-continuous": ZeRO-1 with continuous tokens) or
+    "1-fp32acc" (a JSON selecting BF16_Optimizer)."""
     import json
     import os
 
@@ -66,7 +67,8 @@ def _references(rank, world_size, tmp):
     out["poisoned"] = strip(train(small_overrides(*POISONED) + BATCH + ["train.grad_accum=4", f"run_dir={tmp}/p"],
                                   STEPS, poison=(1, 1)))
     for zero in BF16["zero"]:
-        out[("bf16", zero)] = strip(train(small_overrides(*BF16["variant"]) + BATCH + _bf16_overrides(zero, tmp) + [
+        variant = BF16["variants"].get(zero, BF16["variant"])
+        out[("bf16", zero)] = strip(train(small_overrides(*variant) + BATCH + _bf16_overrides(zero, tmp) + [
             "train.grad_accum=4", f"run_dir={tmp}/b{zero}"], STEPS, poison=BF16["poison"].get(zero)))
     for name, ((kind, head), extra) in FOUR_RANKS.items():
         zero = [e for e in extra if e.startswith("parallel.zero_stage")]
@@ -89,9 +91,10 @@ def _pp2(rank, world_size, tmp):
                                                 f"run_dir={tmp}/poison"]
     out["poisoned"] = strip(train(cfg, STEPS, poison=(1, 1)))
     for zero in BF16["zero"]:
-        cfg = small_overrides(*BF16["variant"]) + BATCH + ["train.grad_accum=4", "parallel.pipeline=2",
-                                                           f"parallel.pipeline_split={BF16['split']}",
-                                                           f"run_dir={tmp}/bf16_{zero}"] + _bf16_overrides(zero, tmp)
+        variant = BF16["variants"].get(zero, BF16["variant"])
+        cfg = small_overrides(*variant) + BATCH + ["train.grad_accum=4", "parallel.pipeline=2",
+                                                   f"parallel.pipeline_split={BF16['split']}",
+                                                   f"run_dir={tmp}/bf16_{zero}"] + _bf16_overrides(zero, tmp)
         out[("bf16", zero)] = strip(train(cfg, STEPS, poison=BF16["poison"].get(zero)))
     # exact resume in bf16: uninterrupted 8 steps; SIGTERM on the last stage only after step 3; resume=auto
     resume = small_overrides("discrete", "local") + RESUME  # continuous tokens cannot run in bf16 yet (fp32 latents)
