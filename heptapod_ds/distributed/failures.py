@@ -9,8 +9,10 @@ from __future__ import annotations
 
 from typing import Optional
 
-_MARKERS = ("gloo", "nccl", "connection closed", "connection reset", "timed out", "broken pipe",
-            "socket", "peer")
+# what gloo / NCCL / c10d put in these errors; gloo's own wording for a peer that stopped answering inside an
+# all-reduce is "Application timeout caused pair closure" (seen when a pipeline stage's rank hung)
+_MARKERS = ("gloo", "nccl", "connection closed", "connection reset", "timed out", "timeout", "pair closure",
+            "broken pipe", "socket", "peer")
 
 
 def collective_failure(exc: BaseException) -> Optional[str]:
