@@ -99,7 +99,7 @@ class GridHead(nn.Module):
         return features.transpose(0, 1).reshape(batch, bt // batch, s, w)
 
     def sampling_length(self, t: int) -> int:
-        """Slots of the head's sequence at sampling step t (``forward`` with ``num_slots`` set to it computes that step's sequence)."""
+        """Slots of the head's sequence at sampling step t (pass it to ``forward`` as ``num_slots``)."""
         return needed_length(t, self.num_slots - 1, self.window)
 
     def embed(self, prefix: torch.Tensor, timesteps: torch.Tensor, packed: Optional[PackedSlots] = None,
